@@ -1,0 +1,48 @@
+"""plan -> modules. The only place that turns resolved plan entries into ``nn.Module``s."""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from . import registry
+from .layers.block import Block
+from .plan import Plan, StagePlan
+
+__all__ = ["build_component", "build_stages", "Stage"]
+
+
+def build_component(slot: str, resolved: dict) -> nn.Module:
+    """Build one component from its plan entry (``{"kind": name, **kwargs}``)."""
+    kwargs = dict(resolved)
+    return registry.get(slot, kwargs.pop("kind")).build(**kwargs)
+
+
+class Stage(nn.Module):
+    """``downsample -> pos_embed -> blocks``; ``(B, H, W, C_in) -> (B, H', W', C_out)``."""
+
+    def __init__(self, plan: StagePlan):
+        super().__init__()
+        self.downsample = build_component("downsample", plan.downsample)
+        self.pos_embed = build_component("pos_embed", plan.pos_embed)
+        self.blocks = nn.Sequential(*[
+            Block(plan.out_chs, build_component("token_mixer", plan.token_mixer),
+                  build_component("feedforward", plan.feedforward), build_component("norm", plan.norm),
+                  build_component("norm", plan.norm), plan.residual_norm_style, plan.layer_scale,
+                  plan.res_scale, rate)
+            for rate in plan.drop_path
+        ])
+        self.grad_checkpointing = False
+
+    def forward(self, x):
+        x = self.pos_embed(self.downsample(x))
+        if self.grad_checkpointing and x.requires_grad:
+            for block in self.blocks:
+                x = checkpoint(block, x, use_reentrant=False)
+            return x
+        return self.blocks(x)
+
+
+def build_stages(plan: Plan) -> nn.ModuleList:
+    """One :class:`Stage` per plan stage."""
+    return nn.ModuleList(Stage(s) for s in plan.stages)

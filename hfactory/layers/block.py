@@ -1,0 +1,77 @@
+"""The generic block: norm / token mixer / norm / feedforward with residuals.
+
+One block for every architecture, as timm ``metaformer.MetaFormerBlock`` (arXiv 2111.11418):
+pre-norm ``x = res_scale(x) + layer_scale(drop_path(mixer(norm1(x))))`` (same for the MLP), or
+post-norm ``x = norm1(x + layer_scale(drop_path(mixer(x))))`` (original Transformer).
+Tokens are channels-last, ``(B, H, W, C)`` or ``(B, N, C)``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+__all__ = ["Block", "DropPath", "Scale"]
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (arXiv 1603.09382): zero the residual branch of a sample with
+    probability ``p`` in training and scale the kept ones by ``1 / (1 - p)``."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p:.3f}"
+
+
+class Scale(nn.Module):
+    """Learned per-channel scale ``x * scale`` (LayerScale, arXiv 2103.17239, and ResScale,
+    arXiv 2210.13452; timm parameter name ``scale``)."""
+
+    def __init__(self, dim: int, init_value: float = 1.0):
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((dim,), float(init_value)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+class Block(nn.Module):
+    """One transformer / MetaFormer block; modules come built, numbers come from the plan.
+
+    Attribute names follow timm's MetaFormer (``norm1``, ``token_mixer``, ``layer_scale1``,
+    ``res_scale1``, ``norm2``, ``mlp``, ``layer_scale2``, ``res_scale2``).
+    """
+
+    def __init__(self, dim: int, token_mixer: nn.Module, mlp: nn.Module, norm1: nn.Module, norm2: nn.Module,
+                 residual_norm_style: str = "pre", layer_scale: Optional[float] = None, res_scale: bool = False,
+                 drop_path: float = 0.0):
+        super().__init__()
+        self.pre_norm = residual_norm_style == "pre"
+        self.norm1, self.token_mixer = norm1, token_mixer
+        self.drop_path1 = DropPath(drop_path)
+        self.layer_scale1 = Scale(dim, layer_scale) if layer_scale is not None else nn.Identity()
+        self.res_scale1 = Scale(dim) if res_scale else nn.Identity()
+        self.norm2, self.mlp = norm2, mlp
+        self.drop_path2 = DropPath(drop_path)
+        self.layer_scale2 = Scale(dim, layer_scale) if layer_scale is not None else nn.Identity()
+        self.res_scale2 = Scale(dim) if res_scale else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre_norm:
+            x = self.res_scale1(x) + self.layer_scale1(self.drop_path1(self.token_mixer(self.norm1(x))))
+            x = self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.mlp(self.norm2(x))))
+        else:
+            x = self.norm1(self.res_scale1(x) + self.layer_scale1(self.drop_path1(self.token_mixer(x))))
+            x = self.norm2(self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.mlp(x))))
+        return x

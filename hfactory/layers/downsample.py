@@ -1,0 +1,53 @@
+"""Downsamplers / patch embeddings that start a stage.
+
+Builders of the ``downsample`` registry slot (params in :mod:`hfactory.spec.components`).
+Input and output are channels-last grids; stage 0 receives the image as ``(B, H, W, C_in)``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+__all__ = ["ConvDownsample", "Identity"]
+
+
+def build_norm(resolved: Optional[dict]) -> nn.Module:
+    """Build a nested norm from its resolved plan entry (``None`` -> identity)."""
+    from ..build import build_component
+
+    return nn.Identity() if resolved is None else build_component("norm", resolved)
+
+
+class ConvDownsample(nn.Module):
+    """Strided conv ``(B, H, W, C_in) -> (B, H/stride, W/stride, C_out)`` with optional norm
+    before it (``pre_norm``, CAFormer/ConvFormer) or after it (Swin-style patch embedding).
+
+    Sources: xformers ``PatchEmbeddingConfig`` (``kernel_size=patch_size``), timm
+    ``metaformer.Downsampling`` (attribute names ``norm``, ``conv``). The plan guarantees the
+    grid divides exactly.
+    """
+
+    def __init__(self, in_chs: int, out_chs: int, patch_size: int, stride: int, padding: int = 0,
+                 bias: bool = True, norm: Optional[dict] = None, pre_norm: bool = False):
+        super().__init__()
+        self.pre_norm = pre_norm
+        self.norm = build_norm(norm)
+        self.conv = nn.Conv2d(in_chs, out_chs, patch_size, stride=stride, padding=padding, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre_norm:
+            x = self.norm(x)
+        x = self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        if not self.pre_norm:
+            x = self.norm(x)
+        return x
+
+
+class Identity(nn.Identity):
+    """No downsampling; the plan has checked that the width does not change."""
+
+    def __init__(self, in_chs: int | None = None, out_chs: int | None = None):
+        super().__init__()

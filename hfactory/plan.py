@@ -1,0 +1,249 @@
+"""resolve(spec) -> Plan: every derived number and every shape check, before any tensor exists.
+
+The plan is the fully explicit, gap-filled configuration (what xformers'
+``get_hierarchical_configuration`` produced, but checked): per stage its input and output grid,
+``seq_len``, in/out channels, heads, per-block drop-path rates, and each component's resolved
+keyword arguments, which the builder passes to the modules unchanged. A spec that resolves
+builds and runs with these shapes; one that cannot fails here with a :class:`PlanError` naming
+the spec location and what would be valid.
+
+Gap-filling order for a stage field: the stage's own value, else ``spec.defaults``, else
+:data:`LIBRARY_DEFAULTS`. Downsamplers default to MetaFormer's: a 7x7 stride-4 conv stem
+(padding 2) for stage 0 and a 3x3 stride-2 conv (padding 1) for later stages
+(arXiv 2111.11418, timm ``metaformer.py``).
+
+Pure Python: no torch import, so ``hfactory summary`` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict
+
+from .spec.base import PlanError
+from .spec.components import ComponentParams, StageContext
+from .spec.model import EncoderSpec, StageDefaults, StageSpec
+
+__all__ = ["Plan", "StagePlan", "resolve", "LIBRARY_DEFAULTS", "PlanError"]
+
+#: Values used for a stage field that neither the stage nor ``spec.defaults`` sets.
+LIBRARY_DEFAULTS = StageDefaults.model_validate({
+    "depth": 1,
+    "token_mixer": "attention",
+    "feedforward": "mlp",
+    "norm": "layernorm",
+    "residual_norm_style": "pre",
+    "layer_scale": False,
+    "res_scale": False,
+    "pos_embed": "none",
+    "dim_head": 32,
+})
+_STEM = {"kind": "conv", "patch_size": 7, "stride": 4, "padding": 2}
+_DOWNSAMPLE = {"kind": "conv", "patch_size": 3, "stride": 2, "padding": 1}
+
+
+class StagePlan(BaseModel):
+    """One stage, fully resolved. Grids are ``(H, W)`` in tokens; ``reduction`` is the total
+    stride from the image in pixels; component entries are the builders' keyword arguments."""
+
+    model_config = ConfigDict(frozen=True)
+
+    index: int
+    layout: str
+    in_grid: tuple[int, int]
+    out_grid: tuple[int, int]
+    seq_len: int
+    in_chs: int
+    out_chs: int
+    reduction: int
+    depth: int
+    num_heads: Optional[int]
+    dim_head: Optional[int]
+    residual_norm_style: str
+    layer_scale: Optional[float]
+    res_scale: bool
+    drop_path: tuple[float, ...]
+    downsample: dict
+    pos_embed: dict
+    token_mixer: dict
+    feedforward: dict
+    norm: dict
+
+
+class Plan(BaseModel):
+    """The gap-filled hierarchical configuration of an :class:`EncoderSpec`.
+
+    Printable (``str(plan)`` is a table), serialisable (``plan.to_json()``) and comparable.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    name: Optional[str]
+    img_size: tuple[int, int]
+    in_chans: int
+    num_classes: int
+    global_pool: str
+    drop_rate: float
+    head_norm: dict
+    head_norm_first: bool
+    attn_backend: str
+    num_features: int
+    stages: tuple[StagePlan, ...]
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(s.depth for s in self.stages)
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=indent)
+
+    def __str__(self) -> str:
+        h, w = self.img_size
+        head = f"{self.name or 'encoder'}: {self.in_chans}x{h}x{w} image, {len(self.stages)} stages, " \
+               f"{self.num_blocks} blocks, {self.num_classes} classes ({self.global_pool} pool)"
+        cols = ["stage", "grid in -> out", "tokens", "chs", "heads", "depth", "downsample", "mixer",
+                "feedforward", "drop_path"]
+        rows = []
+        for s in self.stages:
+            rows.append([
+                str(s.index), f"{s.in_grid[0]}x{s.in_grid[1]} -> {s.out_grid[0]}x{s.out_grid[1]}",
+                str(s.seq_len), f"{s.in_chs}->{s.out_chs}", "-" if s.num_heads is None else str(s.num_heads),
+                str(s.depth), _describe(s.downsample), _describe(s.token_mixer), _describe(s.feedforward),
+                f"{s.drop_path[0]:.3f}-{s.drop_path[-1]:.3f}",
+            ])
+        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+        fmt = "  ".join(f"{{:<{n}}}" for n in widths)
+        return "\n".join([head, fmt.format(*cols), *(fmt.format(*r) for r in rows)])
+
+
+def _describe(component: dict) -> str:
+    kind = component["kind"]
+    if kind == "conv":
+        return f"conv{component['patch_size']}/s{component['stride']}/p{component['padding']}"
+    return kind
+
+
+def _pick(stage: StageSpec, defaults: StageDefaults, name: str):
+    for source in (stage, defaults, LIBRARY_DEFAULTS):
+        value = getattr(source, name)
+        if value is not None:
+            return value
+    return None
+
+
+def _heads(loc: str, dim: int, stage: StageSpec, defaults: StageDefaults) -> tuple[int, int]:
+    """(num_heads, dim_head) from the most specific level that sets either of them."""
+    for source, where in ((stage, loc), (defaults, "defaults"), (LIBRARY_DEFAULTS, "defaults")):
+        num_heads, dim_head = source.num_heads, source.dim_head
+        if num_heads is None and dim_head is None:
+            continue
+        divisors = ", ".join(str(d) for d in range(1, dim + 1) if dim % d == 0)
+        if num_heads is not None and dim_head is not None and num_heads * dim_head != dim:
+            raise PlanError(f"{where}.num_heads", f"num_heads {num_heads} x dim_head {dim_head} != embedding "
+                            f"{dim} of {loc}; set only one of them")
+        if num_heads is not None:
+            if dim % num_heads:
+                raise PlanError(f"{where}.num_heads", f"num_heads {num_heads} does not divide the embedding "
+                                f"{dim} of {loc}; valid: {divisors}")
+            return num_heads, dim // num_heads
+        if dim % dim_head:
+            raise PlanError(f"{where}.dim_head", f"dim_head {dim_head} does not divide the embedding {dim} of "
+                            f"{loc}; set {loc}.num_heads (one of {divisors}) or a dim_head dividing {dim}")
+        return dim // dim_head, dim_head
+    raise AssertionError("LIBRARY_DEFAULTS sets dim_head")
+
+
+def _check_layout(component: ComponentParams, layout: str, loc: str) -> None:
+    if layout not in component.accepts:
+        raise PlanError(loc, f"{component.kind!r} works on {' or '.join(sorted(component.accepts))} tokens, "
+                        f"but this stage's tokens are in the {layout!r} layout")
+
+
+def resolve(spec: EncoderSpec, img_size: Optional[tuple[int, int]] = None) -> Plan:
+    """Gap-fill ``spec`` and derive every number; check every shape.
+
+    Args:
+        spec: a validated :class:`EncoderSpec` (see :func:`hfactory.load_spec`).
+        img_size: plan for this ``(H, W)`` instead of ``spec.img_size`` (what an encoder does
+            when it sees a different input size; position embeddings are then interpolated).
+
+    Returns:
+        :class:`Plan`.
+
+    Raises:
+        PlanError: the spec cannot be built; ``err.loc`` is the spec path
+            (e.g. ``stages.1.downsample.stride``) and the message says what would be valid.
+    """
+    return _resolve_cached(spec.model_dump_json(), tuple(img_size) if img_size else None)
+
+
+@lru_cache(maxsize=64)
+def _resolve_cached(spec_json: str, img_size: Optional[tuple[int, int]]) -> Plan:
+    spec = EncoderSpec.model_validate_json(spec_json)
+    return _resolve(spec, img_size or spec.img_hw)
+
+
+def _resolve(spec: EncoderSpec, img_size: tuple[int, int]) -> Plan:
+    grid, chs, layout = tuple(img_size), spec.in_chans, "grid"
+    total = sum(_pick(s, spec.defaults, "depth") for s in spec.stages)
+    rates = [spec.drop_path_rate * i / (total - 1) if total > 1 else 0.0 for i in range(total)]
+    stages, block = [], 0
+    for i, stage in enumerate(spec.stages):
+        loc = f"stages.{i}"
+        dim = stage.embedding
+        ds = _pick(stage, spec.defaults, "downsample")
+        if ds is None:
+            ds = StageSpec.model_validate({"embedding": dim, "downsample": _STEM if i == 0 else _DOWNSAMPLE}).downsample
+        if i == 0 and ds.kind == "none" and chs != dim:
+            raise PlanError(f"{loc}.downsample", f"stage 0 needs a patch embedding from {chs} image channels "
+                            f"to embedding {dim}; use e.g. {{kind: conv, patch_size: 4}}")
+        _check_layout(ds, layout, f"{loc}.downsample")
+        out_grid = tuple(ds.out_grid(grid, f"{loc}.downsample"))
+        if min(out_grid) < 1:
+            raise PlanError(f"{loc}.downsample", f"reduces the grid {grid} to {out_grid}; use a smaller stride "
+                            "or a larger img_size")
+        ds_resolved = ds.resolve(chs, dim, grid, f"{loc}.downsample")
+        layout = ds.produces
+        seq_len = out_grid[0] * out_grid[1]
+        if stage.seq_len is not None and stage.seq_len != seq_len:
+            raise PlanError(f"{loc}.seq_len", f"seq_len {stage.seq_len} does not match the derived "
+                            f"{out_grid[0]}x{out_grid[1]} = {seq_len} tokens; use {seq_len} or leave it unset")
+
+        mixer = _pick(stage, spec.defaults, "token_mixer")
+        _check_layout(mixer, layout, f"{loc}.token_mixer")
+        num_heads = dim_head = None
+        if mixer.uses_heads:
+            num_heads, dim_head = _heads(loc, dim, stage, spec.defaults)
+        ctx = StageContext(loc=f"{loc}.token_mixer", dim=dim, grid=out_grid, layout=layout,
+                           num_heads=num_heads, dim_head=dim_head)
+        ffn, norm, pos = (_pick(stage, spec.defaults, k) for k in ("feedforward", "norm", "pos_embed"))
+        for comp, key in ((ffn, "feedforward"), (norm, "norm"), (pos, "pos_embed")):
+            _check_layout(comp, layout, f"{loc}.{key}")
+        depth = _pick(stage, spec.defaults, "depth")
+        layer_scale = _pick(stage, spec.defaults, "layer_scale")
+        reduction = img_size[0] // out_grid[0]
+        stages.append(StagePlan(
+            index=i, layout=layout, in_grid=grid, out_grid=out_grid, seq_len=seq_len, in_chs=chs, out_chs=dim,
+            reduction=reduction, depth=depth, num_heads=num_heads, dim_head=dim_head,
+            residual_norm_style=_pick(stage, spec.defaults, "residual_norm_style"),
+            layer_scale=None if layer_scale is False else float(layer_scale),
+            res_scale=_pick(stage, spec.defaults, "res_scale"),
+            drop_path=tuple(rates[block:block + depth]),
+            downsample=ds_resolved,
+            pos_embed=pos.resolve(StageContext(f"{loc}.pos_embed", dim, out_grid, layout)),
+            token_mixer=mixer.resolve(ctx),
+            feedforward=ffn.resolve(dim, f"{loc}.feedforward"),
+            norm=norm.resolve(dim, f"{loc}.norm"),
+        ))
+        block += depth
+        grid, chs = out_grid, dim
+
+    return Plan(
+        name=spec.name, img_size=tuple(img_size), in_chans=spec.in_chans, num_classes=spec.num_classes,
+        global_pool=spec.global_pool, drop_rate=spec.drop_rate,
+        head_norm=spec.head_norm.resolve(chs, "head_norm"), head_norm_first=spec.head_norm_first,
+        attn_backend=spec.attn_backend, num_features=chs, stages=tuple(stages),
+    )

@@ -1,0 +1,104 @@
+"""Components found by name: slot (what a component does in a stage) -> name -> params + builder.
+
+A component is a pydantic params model (what users write, validated; it also does the
+component's own shape arithmetic for the plan) plus a builder that turns resolved numbers into
+an ``nn.Module``. Built-in builders are given as ``"module:attribute"`` strings and imported
+only when a model is built, so this module, the spec and the plan never import torch.
+
+Users register their own components with :func:`register` and get the same validation,
+"did you mean" errors and JSON Schema entries as the built-in ones.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, Union
+
+from .spec.base import did_you_mean
+
+__all__ = ["SLOTS", "Component", "register", "get", "names", "UnknownComponentError"]
+
+#: The places a component can fill, named as the StageSpec fields that hold them.
+SLOTS = ("token_mixer", "downsample", "feedforward", "norm", "pos_embed")
+
+Builder = Union[str, Callable[..., Any]]
+
+
+class UnknownComponentError(ValueError):
+    """A component name that no registry entry has; the message lists the registered names."""
+
+
+@dataclass(frozen=True)
+class Component:
+    """One registry entry.
+
+    ``params`` is a subclass of the slot's params base in :mod:`hfactory.spec.components`; its
+    ``kind`` field is the name. ``builder`` is called with the resolved numbers of the plan
+    (the params plus derived values such as ``dim``) and returns an ``nn.Module``.
+    """
+
+    slot: str
+    name: str
+    params: type
+    builder: Builder
+
+    def build(self, **resolved: Any):
+        builder = self.builder
+        if isinstance(builder, str):
+            module_name, _, attr = builder.partition(":")
+            builder = getattr(importlib.import_module(module_name), attr)
+        return builder(**resolved)
+
+
+_REGISTRY: dict[str, dict[str, Component]] = {slot: {} for slot in SLOTS}
+
+
+def register(slot: str, name: str, params: type, builder: Builder, *, overwrite: bool = False) -> Component:
+    """Register a component under ``slot``/``name``.
+
+    Args:
+        slot: one of :data:`SLOTS`.
+        name: the value users write as ``kind`` (e.g. ``token_mixer: {kind: my_mixer}``).
+        params: a subclass of the slot's params base (``TokenMixerParams``, ``DownsampleParams``,
+            ``FeedforwardParams``, ``NormParams``, ``PosEmbedParams``) whose ``kind`` field is
+            ``Literal[name]``.
+        builder: callable (or ``"module:attr"`` string) taking the resolved keyword arguments.
+        overwrite: allow replacing an existing entry (otherwise a ``ValueError``).
+
+    Raises:
+        ValueError: unknown slot, a name already taken, or params that do not fit the slot.
+    """
+    from .spec import components as base  # late: spec.components registers built-ins here
+
+    if slot not in _REGISTRY:
+        raise ValueError(f"unknown slot {slot!r}{did_you_mean(slot, SLOTS)}; valid slots: {', '.join(SLOTS)}")
+    expected = base.SLOT_BASES[slot]
+    if not (isinstance(params, type) and issubclass(params, expected)):
+        raise ValueError(f"params for {slot} {name!r} must subclass hfactory.spec.components.{expected.__name__}")
+    kind_field = params.model_fields.get("kind")
+    if kind_field is None or kind_field.default != name:
+        raise ValueError(f"params {params.__name__} must declare kind: Literal[{name!r}] = {name!r}")
+    if name in _REGISTRY[slot] and not overwrite:
+        raise ValueError(f"{slot} {name!r} is already registered; pass overwrite=True to replace it")
+    entry = Component(slot, name, params, builder)
+    _REGISTRY[slot][name] = entry
+    return entry
+
+
+def get(slot: str, name: str) -> Component:
+    """Look up a component; unknown names raise :class:`UnknownComponentError` with a suggestion."""
+    if slot not in _REGISTRY:
+        raise ValueError(f"unknown slot {slot!r}{did_you_mean(slot, SLOTS)}; valid slots: {', '.join(SLOTS)}")
+    try:
+        return _REGISTRY[slot][name]
+    except KeyError:
+        known = sorted(_REGISTRY[slot])
+        raise UnknownComponentError(
+            f"unknown {slot} {name!r}{did_you_mean(name, known)}; registered: {', '.join(known)}"
+        ) from None
+
+
+def names(slot: str) -> list[str]:
+    """Registered names for ``slot``, sorted."""
+    return sorted(_REGISTRY[slot])

@@ -1,0 +1,97 @@
+"""Shared pydantic machinery for specs: strict models whose errors say what would be valid.
+
+No torch here: specs must validate instantly anywhere (DESIGN.md, "One direction of flow").
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Iterable
+
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
+
+__all__ = ["StrictModel", "did_you_mean", "located_error", "PlanError"]
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """Return ``" (did you mean 'x'?)"`` for the closest of ``choices``, or ``""``."""
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class StrictModel(BaseModel):
+    """Base of every spec model: unknown keys are errors that list the valid keys.
+
+    The removed xformers factory silently dropped unknown keys (a typo such as ``casual``
+    was ignored); here the error names the key, the closest valid key and all valid keys.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _explain_unknown_keys(cls, data: Any, handler):
+        try:
+            return handler(data)
+        except ValidationError as err:
+            if not any(e["type"] == "extra_forbidden" and len(e["loc"]) == 1 for e in err.errors()):
+                raise
+            valid = sorted(_accepted_keys(cls))
+            rewritten = []
+            for e in err.errors():
+                if e["type"] == "extra_forbidden" and len(e["loc"]) == 1:
+                    key = str(e["loc"][0])
+                    msg = (
+                        f"unknown key {key!r}{did_you_mean(key, valid)}; "
+                        f"valid keys of {cls.__name__}: {', '.join(valid)}"
+                    )
+                    e = {"type": PydanticCustomError("extra_forbidden", msg), "loc": e["loc"],
+                         "input": e["input"]}
+                else:
+                    e = _as_line_error(e)
+                rewritten.append(e)
+            raise ValidationError.from_exception_data(err.title, rewritten) from None
+
+
+def _accepted_keys(cls: type[BaseModel]) -> set[str]:
+    keys = set(cls.model_fields)
+    for f in cls.model_fields.values():
+        alias = f.validation_alias
+        if isinstance(alias, str):
+            keys.add(alias)
+        elif alias is not None:
+            keys.update(c for c in getattr(alias, "choices", ()) if isinstance(c, str))
+    return keys
+
+
+def _as_line_error(e: dict) -> dict:
+    """Turn an ``errors()`` entry back into an ``InitErrorDetails`` that keeps its message."""
+    out = {"type": PydanticCustomError(e["type"], e["msg"].replace("{", "{{").replace("}", "}}")),
+           "loc": e["loc"], "input": e.get("input")}
+    return out
+
+
+def located_error(title: str, loc: tuple, message: str, input_value: Any = None,
+                  error_type: str = "value_error") -> ValidationError:
+    """Build a pydantic ``ValidationError`` with one error at ``loc`` (e.g. ``("stages", 2, "embedding")``)."""
+    return ValidationError.from_exception_data(
+        title,
+        [{"type": PydanticCustomError(error_type, message.replace("{", "{{").replace("}", "}}")),
+          "loc": tuple(loc), "input": input_value}],
+    )
+
+
+class PlanError(ValueError):
+    """A spec that validates field by field but cannot be built as a whole.
+
+    Raised by :func:`hfactory.resolve` before any tensor exists. ``loc`` is the dotted path into
+    the spec (``stages.2.token_mixer.window_size``) and the message says what would be valid.
+    """
+
+    def __init__(self, loc: str | tuple, message: str):
+        if isinstance(loc, tuple):
+            loc = ".".join(str(p) for p in loc)
+        self.loc = loc
+        self.message = message
+        super().__init__(f"{loc}: {message}")

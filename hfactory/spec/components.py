@@ -1,0 +1,377 @@
+"""Params models of the built-in components, and the field type that parses any component.
+
+Every component is written in a spec either as its name (``token_mixer: pooling``) or as a
+mapping with ``kind`` and options (``token_mixer: {kind: pooling, pool_size: 3}``). The params
+model validates the options and does the component's own shape arithmetic for the plan
+(``resolve``); it returns the keyword arguments its ``nn.Module`` builder receives, so modules
+never re-derive shapes.
+
+Token layouts (DESIGN.md, "The token-layout contract"): every component declares the layouts
+it accepts (``accepts``), downsamplers also the layout they produce (``produces``). This first
+set works on the ``grid`` layout, ``(B, H, W, C)`` channels-last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal, Optional
+
+from pydantic import Field, GetCoreSchemaHandler, GetJsonSchemaHandler, ValidationError
+from pydantic_core import PydanticCustomError, core_schema
+
+from .. import registry
+from .base import PlanError, StrictModel, located_error
+
+Layout = Literal["grid", "units", "seq"]
+
+__all__ = [
+    "ComponentField", "ComponentParams", "TokenMixerParams", "DownsampleParams",
+    "FeedforwardParams", "NormParams", "PosEmbedParams", "StageContext", "SLOT_BASES",
+]
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What the plan knows about a stage when a component resolves itself (pure numbers).
+
+    ``grid`` is the token grid ``(H, W)`` the component sees, ``dim`` the channel width,
+    ``loc`` the dotted spec path of the component (for errors).
+    """
+
+    loc: str
+    dim: int
+    grid: tuple[int, int]
+    layout: str = "grid"
+    num_heads: Optional[int] = None
+    dim_head: Optional[int] = None
+
+
+class ComponentParams(StrictModel):
+    """Base of every component's params; subclasses set ``kind: Literal[name] = name``."""
+
+    kind: str
+    slot: ClassVar[str] = ""
+    accepts: ClassVar[frozenset] = frozenset({"grid"})
+
+    def options(self) -> dict[str, Any]:
+        """The params as plain values (nested components resolved by the caller)."""
+        return {k: getattr(self, k) for k in type(self).model_fields if k != "kind"}
+
+
+def _parse_component(slot: str):
+    def parse(value: Any) -> Any:
+        if isinstance(value, ComponentParams):
+            if value.slot != slot:
+                raise PydanticCustomError("component_slot", f"a {value.slot} component cannot be used as {slot}")
+            return value
+        if isinstance(value, str):
+            value = {"kind": value}
+        if not isinstance(value, dict):
+            raise PydanticCustomError(
+                "component_type",
+                f"expected a {slot} name or a mapping with 'kind'; registered {slot} kinds: "
+                + ", ".join(registry.names(slot)),
+            )
+        if "kind" not in value:
+            raise PydanticCustomError(
+                "component_kind_missing",
+                f"missing 'kind'; registered {slot} kinds: {', '.join(registry.names(slot))}",
+            )
+        kind = value["kind"]
+        try:
+            entry = registry.get(slot, kind)
+        except (registry.UnknownComponentError, TypeError) as err:
+            raise located_error("component", ("kind",), str(err), kind, "unknown_component") from None
+        return entry.params.model_validate(value)
+
+    return parse
+
+
+class ComponentField:
+    """Annotation for a spec field holding a component of ``slot`` (looked up in the registry).
+
+    Serialises to ``{kind: name, <options set by the user>}``; the JSON Schema lists every
+    registered component of the slot (see :mod:`hfactory.spec.schema`).
+    """
+
+    def __init__(self, slot: str):
+        self.slot = slot
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler):
+        return core_schema.no_info_before_validator_function(
+            _parse_component(self.slot),
+            core_schema.is_instance_schema(ComponentParams),
+            serialization=core_schema.plain_serializer_function_ser_schema(
+                _dump_component, when_used="always"),
+        )
+
+    def __get_pydantic_json_schema__(self, schema: Any, handler: GetJsonSchemaHandler):
+        # Placeholder replaced by the union of registered params models in spec/schema.py.
+        return {"x-hfactory-slot": self.slot}
+
+
+def _dump_component(value: ComponentParams) -> dict:
+    data = value.model_dump(mode="json", exclude_unset=True, exclude_none=True)
+    data.pop("kind", None)
+    return {"kind": value.kind, **data}
+
+
+#: A nested norm inside another component (e.g. a downsampler's norm).
+NormField = Annotated[ComponentParams, ComponentField("norm")]
+
+
+# --------------------------------------------------------------------------------- slot bases
+
+
+class NormParams(ComponentParams):
+    """Normalisation over the channel dimension of a channels-last tensor."""
+
+    slot: ClassVar[str] = "norm"
+    accepts: ClassVar[frozenset] = frozenset({"grid", "units", "seq"})
+
+    def resolve(self, dim: int, loc: str) -> dict:
+        return {"kind": self.kind, "dim": dim, **self.options()}
+
+
+class TokenMixerParams(ComponentParams):
+    """Token mixer of a block: maps ``(B, H, W, C)`` to the same shape."""
+
+    slot: ClassVar[str] = "token_mixer"
+    uses_heads: ClassVar[bool] = False
+
+    def resolve(self, ctx: StageContext) -> dict:
+        out = {"kind": self.kind, "dim": ctx.dim, **self.options()}
+        if self.uses_heads:
+            out.update(num_heads=ctx.num_heads, dim_head=ctx.dim_head)
+        return out
+
+
+class DownsampleParams(ComponentParams):
+    """Start of a stage: maps ``in_chs`` channels on ``in_grid`` to ``out_chs`` on a coarser grid."""
+
+    slot: ClassVar[str] = "downsample"
+    produces: ClassVar[str] = "grid"
+
+    def out_grid(self, in_grid: tuple[int, int], loc: str) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def resolve(self, in_chs: int, out_chs: int, in_grid: tuple[int, int], loc: str) -> dict:
+        return {"kind": self.kind, "in_chs": in_chs, "out_chs": out_chs, **self.options()}
+
+
+class FeedforwardParams(ComponentParams):
+    """Channel MLP of a block: ``(..., C) -> (..., C)``."""
+
+    slot: ClassVar[str] = "feedforward"
+    accepts: ClassVar[frozenset] = frozenset({"grid", "units", "seq"})
+
+    def resolve(self, dim: int, loc: str) -> dict:
+        return {"kind": self.kind, "dim": dim, **self.options()}
+
+
+class PosEmbedParams(ComponentParams):
+    """Position embedding added to the stage's tokens right after its downsampler."""
+
+    slot: ClassVar[str] = "pos_embed"
+
+    def resolve(self, ctx: StageContext) -> dict:
+        return {"kind": self.kind, "dim": ctx.dim, "grid": list(ctx.grid), **self.options()}
+
+
+SLOT_BASES = {
+    "token_mixer": TokenMixerParams,
+    "downsample": DownsampleParams,
+    "feedforward": FeedforwardParams,
+    "norm": NormParams,
+    "pos_embed": PosEmbedParams,
+}
+
+# ------------------------------------------------------------------------------------ norms
+
+
+class LayerNormParams(NormParams):
+    """LayerNorm over channels (``torch.nn.LayerNorm`` semantics). ``bias: false`` gives the
+    bias-free LayerNorm of CAFormer/ConvFormer (MetaFormer baselines, arXiv 2210.13452)."""
+
+    kind: Literal["layernorm"] = "layernorm"
+    eps: float = Field(1e-5, gt=0)
+    bias: bool = True
+
+
+class GroupNormParams(NormParams):
+    """GroupNorm over (H, W, C) per sample; ``num_groups: 1`` is PoolFormer's norm
+    (arXiv 2111.11418, ``GroupNorm1`` in timm ``metaformer.py``)."""
+
+    kind: Literal["groupnorm"] = "groupnorm"
+    num_groups: int = Field(1, ge=1)
+    eps: float = Field(1e-5, gt=0)
+    accepts: ClassVar[frozenset] = frozenset({"grid"})
+
+    def resolve(self, dim: int, loc: str) -> dict:
+        if dim % self.num_groups:
+            raise PlanError(f"{loc}.num_groups", f"num_groups {self.num_groups} does not divide the "
+                            f"width {dim}; use a divisor of {dim} (1 = PoolFormer's GroupNorm1)")
+        return super().resolve(dim, loc)
+
+
+class IdentityNormParams(NormParams):
+    """No normalisation."""
+
+    kind: Literal["identity"] = "identity"
+
+
+# ----------------------------------------------------------------------------- token mixers
+
+
+class AttentionParams(TokenMixerParams):
+    """Global multi-head self-attention over all tokens of the stage (ViT, arXiv 2010.11929).
+
+    Runs through the one attention entry point (:func:`hfactory.layers.attention.attention`),
+    i.e. xformers' memory-efficient kernel on CUDA when installed, PyTorch SDPA otherwise.
+    """
+
+    kind: Literal["attention"] = "attention"
+    qkv_bias: bool = True
+    proj_bias: bool = True
+    attn_drop: float = Field(0.0, ge=0, lt=1)
+    proj_drop: float = Field(0.0, ge=0, lt=1)
+    uses_heads: ClassVar[bool] = True
+    accepts: ClassVar[frozenset] = frozenset({"grid", "units", "seq"})
+
+
+class PoolingParams(TokenMixerParams):
+    """PoolFormer's mixer: ``avgpool(x) - x`` with stride 1 and ``count_include_pad=False``
+    (arXiv 2111.11418; timm ``metaformer.Pooling``)."""
+
+    kind: Literal["pooling"] = "pooling"
+    pool_size: int = Field(3, ge=1)
+
+    def resolve(self, ctx: StageContext) -> dict:
+        if self.pool_size % 2 == 0:
+            raise PlanError(f"{ctx.loc}.pool_size", f"pool_size {self.pool_size} is even, which would "
+                            "shift the grid; use an odd size (3 in PoolFormer)")
+        return super().resolve(ctx)
+
+
+class IdentityMixerParams(TokenMixerParams):
+    """No token mixing (MetaFormer's IdentityFormer baseline, arXiv 2210.13452)."""
+
+    kind: Literal["identity"] = "identity"
+    accepts: ClassVar[frozenset] = frozenset({"grid", "units", "seq"})
+
+
+# ------------------------------------------------------------------------------ downsamplers
+
+
+class ConvDownsampleParams(DownsampleParams):
+    """Strided-conv patch embedding / downsampling with optional pre- or post-norm.
+
+    xformers' ``PatchEmbeddingConfig`` and timm ``metaformer.Downsampling`` (``norm`` before the
+    conv when ``pre_norm``, after it otherwise). ``stride`` defaults to ``patch_size``.
+    The plan requires the conv to reduce the grid by exactly ``stride`` (``H -> H / stride``), so
+    every stage's reduction is exact and ``feature_info`` reductions are true.
+    """
+
+    kind: Literal["conv"] = "conv"
+    patch_size: int = Field(..., ge=1, description="conv kernel size (xformers' name)")
+    stride: Optional[int] = Field(None, ge=1, description="defaults to patch_size")
+    padding: int = Field(0, ge=0)
+    bias: bool = True
+    norm: Optional[NormField] = None
+    pre_norm: bool = False
+
+    def out_grid(self, in_grid, loc):
+        k, s, p = self.patch_size, self.stride or self.patch_size, self.padding
+        out = []
+        for axis, n in zip(("height", "width"), in_grid):
+            if n % s:
+                raise PlanError(f"{loc}.stride", f"stride {s} does not divide the input {axis} {n}; "
+                                f"use a stride that divides {n} or change img_size")
+            got = (n + 2 * p - k) // s + 1 if n + 2 * p >= k else 0
+            if got != n // s:
+                want = max(0, -(-(k - s) // 2))
+                raise PlanError(f"{loc}.padding", f"patch_size {k}, stride {s}, padding {p} map {axis} {n} "
+                                f"to {got}, not {n // s}; padding {want} gives {n // s}")
+        return (in_grid[0] // s, in_grid[1] // s)
+
+    def resolve(self, in_chs, out_chs, in_grid, loc):
+        norm_dim = in_chs if self.pre_norm else out_chs
+        return {"kind": self.kind, "in_chs": in_chs, "out_chs": out_chs, "patch_size": self.patch_size,
+                "stride": self.stride or self.patch_size, "padding": self.padding, "bias": self.bias,
+                "norm": self.norm.resolve(norm_dim, f"{loc}.norm") if self.norm is not None else None,
+                "pre_norm": self.pre_norm}
+
+
+class NoDownsampleParams(DownsampleParams):
+    """No downsampling: the stage keeps the previous grid and width."""
+
+    kind: Literal["none"] = "none"
+    accepts: ClassVar[frozenset] = frozenset({"grid", "units", "seq"})
+
+    def out_grid(self, in_grid, loc):
+        return tuple(in_grid)
+
+    def resolve(self, in_chs, out_chs, in_grid, loc):
+        if in_chs != out_chs:
+            raise PlanError(loc, f"downsample 'none' keeps the width {in_chs}, but the stage's embedding is "
+                            f"{out_chs}; use a downsampler such as conv, or set embedding: {in_chs}")
+        return super().resolve(in_chs, out_chs, in_grid, loc)
+
+
+# ----------------------------------------------------------------------------- feedforwards
+
+Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "squared_relu", "star_relu"]
+
+
+class MlpParams(FeedforwardParams):
+    """Two-layer MLP ``fc1 -> act -> drop -> fc2 -> drop`` (xformers ``MLP``; timm ``Mlp``).
+    Hidden width is ``int(dim * hidden_layer_multiplier)``."""
+
+    kind: Literal["mlp"] = "mlp"
+    hidden_layer_multiplier: float = Field(4.0, gt=0)
+    activation: Activation = "gelu"
+    bias: bool = True
+    drop: float = Field(0.0, ge=0, lt=1)
+
+    def resolve(self, dim, loc):
+        hidden = int(dim * self.hidden_layer_multiplier)
+        if hidden < 1:
+            raise PlanError(f"{loc}.hidden_layer_multiplier", f"{self.hidden_layer_multiplier} x width {dim} "
+                            "rounds to 0 hidden units; use a larger multiplier")
+        return {"kind": self.kind, "dim": dim, "hidden_features": hidden, "activation": self.activation,
+                "bias": self.bias, "drop": self.drop}
+
+
+# ----------------------------------------------------------------------- position embeddings
+
+
+class LearnedPosEmbedParams(PosEmbedParams):
+    """Learned absolute position embedding of shape ``(1, H, W, C)`` for the plan's grid,
+    bicubically interpolated when the input grid differs (timm ``resample_abs_pos_embed``)."""
+
+    kind: Literal["learned"] = "learned"
+    init_std: float = Field(0.02, gt=0)
+
+
+class NoPosEmbedParams(PosEmbedParams):
+    """No position embedding (explicit, to override a model-wide default)."""
+
+    kind: Literal["none"] = "none"
+    accepts: ClassVar[frozenset] = frozenset({"grid", "units", "seq"})
+
+
+_BUILTINS = [
+    ("norm", LayerNormParams, "hfactory.layers.norm:LayerNorm"),
+    ("norm", GroupNormParams, "hfactory.layers.norm:GroupNorm"),
+    ("norm", IdentityNormParams, "hfactory.layers.norm:Identity"),
+    ("token_mixer", AttentionParams, "hfactory.layers.mixers:Attention"),
+    ("token_mixer", PoolingParams, "hfactory.layers.mixers:Pooling"),
+    ("token_mixer", IdentityMixerParams, "hfactory.layers.mixers:Identity"),
+    ("downsample", ConvDownsampleParams, "hfactory.layers.downsample:ConvDownsample"),
+    ("downsample", NoDownsampleParams, "hfactory.layers.downsample:Identity"),
+    ("feedforward", MlpParams, "hfactory.layers.feedforward:Mlp"),
+    ("pos_embed", LearnedPosEmbedParams, "hfactory.layers.posembed:LearnedPosEmbed"),
+    ("pos_embed", NoPosEmbedParams, "hfactory.layers.posembed:Identity"),
+]
+for _slot, _params, _builder in _BUILTINS:
+    registry.register(_slot, _params.model_fields["kind"].default, _params, _builder, overwrite=True)

@@ -1,0 +1,104 @@
+"""Reading and writing specs as YAML: safe loading only, duplicate keys and aliases refused.
+
+``yaml.SafeLoader`` constructs no Python objects (``!!python/object`` tags are errors). On top
+of it we refuse duplicate mapping keys (YAML silently keeps the last one) and aliases/anchors
+(no spec needs them, and alias expansion is the "billion laughs" memory bomb).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from .model import EncoderSpec
+
+__all__ = ["load_yaml", "load_spec", "dump_spec", "SpecSource", "MAX_SPEC_BYTES"]
+
+#: Larger documents are refused before parsing; a spec is a few kilobytes.
+MAX_SPEC_BYTES = 1_000_000
+
+SpecSource = Union[str, os.PathLike, dict, EncoderSpec]
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys and aliases."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.constructor.ConstructorError(
+                None, None, "YAML aliases (*name) are not allowed in specs; write the value out",
+                event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}; each key may appear once", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text safely.
+
+    Raises:
+        ValueError: size over :data:`MAX_SPEC_BYTES`, syntax errors, Python tags, duplicate keys,
+            aliases; the message gives the line and column.
+    """
+    if len(text) > MAX_SPEC_BYTES:
+        raise ValueError(f"spec is {len(text)} bytes; specs larger than {MAX_SPEC_BYTES} bytes are refused")
+    try:
+        return yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - _SpecLoader is a SafeLoader
+    except yaml.YAMLError as err:
+        raise ValueError(f"invalid spec YAML: {err}") from None
+    except RecursionError:
+        raise ValueError("invalid spec YAML: nesting too deep") from None
+
+
+def load_spec(source: SpecSource) -> EncoderSpec:
+    """Load and validate a spec from a path, YAML text, a dict or an :class:`EncoderSpec`.
+
+    A ``str`` is a path if a file of that name exists, otherwise YAML text (a preset name is
+    resolved by :func:`hfactory.create_model`, not here).
+
+    Raises:
+        pydantic.ValidationError: a field is wrong; each error has its location in the spec.
+        ValueError: unreadable or unsafe YAML (see :func:`load_yaml`), or a document that is
+            not a mapping.
+        FileNotFoundError: a path-like that does not exist.
+    """
+    if isinstance(source, EncoderSpec):
+        return source
+    if isinstance(source, os.PathLike) or (isinstance(source, str) and "\n" not in source
+                                            and source.endswith((".yaml", ".yml", ".json"))):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"spec file not found: {path}")
+        if path.stat().st_size > MAX_SPEC_BYTES:
+            raise ValueError(f"{path}: larger than {MAX_SPEC_BYTES} bytes; not a spec")
+        source = path.read_text(encoding="utf-8")
+    if isinstance(source, str):
+        source = load_yaml(source)
+    if not isinstance(source, dict):
+        raise ValueError(f"a spec must be a mapping with at least 'stages', got {type(source).__name__}")
+    return EncoderSpec.model_validate(source)
+
+
+def dump_spec(spec: EncoderSpec, schema_url: str | None = None) -> str:
+    """The spec as YAML text; ``load_spec(dump_spec(s)) == s``.
+
+    Unset stage fields are left out (they are gap-filled by the plan), so the text is what the
+    user wrote plus the model-level defaults.
+    """
+    data = spec.model_dump(mode="json", exclude_none=True)
+    text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
+    if schema_url:
+        text = f"# yaml-language-server: $schema={schema_url}\n" + text
+    return text

@@ -1,0 +1,131 @@
+"""What users write: per-stage specs (xformers ``BasicLayerConfig``-like) and the encoder spec.
+
+Field names follow xformers' ``BasicLayerConfig`` (``embedding``, ``attention_mechanism``,
+``patch_size``, ``stride``, ``padding``, ``seq_len``, ``feedforward``, ``repeat_layer``,
+``normalization``) where it has one, timm's for model-level options (``img_size``,
+``in_chans``, ``num_classes``, ``global_pool``, ``drop_rate``, ``drop_path_rate``), and the
+papers' for components (``layer_scale``, ``res_scale``).
+
+A stage field left unset (``None``) is filled from ``EncoderSpec.defaults``, then from the
+library default (:data:`hfactory.plan.LIBRARY_DEFAULTS`); :func:`hfactory.resolve` does that and
+every derived number. This module validates fields one by one and never imports torch.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from .base import StrictModel
+from .components import ComponentField, ComponentParams
+
+__all__ = ["StageSpec", "StageDefaults", "EncoderSpec"]
+
+TokenMixer = Annotated[ComponentParams, ComponentField("token_mixer")]
+Downsample = Annotated[ComponentParams, ComponentField("downsample")]
+Feedforward = Annotated[ComponentParams, ComponentField("feedforward")]
+Norm = Annotated[ComponentParams, ComponentField("norm")]
+PosEmbed = Annotated[ComponentParams, ComponentField("pos_embed")]
+
+_PATCH_KEYS = ("patch_size", "stride", "padding")
+
+
+class _StageOptions(StrictModel):
+    """Fields a stage shares with the model-wide ``defaults``; ``None`` means "not set here"."""
+
+    depth: Optional[int] = Field(None, ge=1, validation_alias=AliasChoices("depth", "repeat_layer"),
+                                 description="blocks in the stage (xformers: repeat_layer)")
+    token_mixer: Optional[TokenMixer] = Field(
+        None, validation_alias=AliasChoices("token_mixer", "attention_mechanism"),
+        description="token mixer / attention mechanism (xformers: attention_mechanism)")
+    downsample: Optional[Downsample] = Field(
+        None, description="downsampler or patch embedding at the start of the stage; the stage-level "
+        "shorthand patch_size/stride/padding means a conv downsampler")
+    feedforward: Optional[Feedforward] = None
+    num_heads: Optional[int] = Field(None, ge=1)
+    dim_head: Optional[int] = Field(None, ge=1)
+    norm: Optional[Norm] = Field(None, validation_alias=AliasChoices("norm", "normalization"))
+    residual_norm_style: Optional[Literal["pre", "post"]] = None
+    layer_scale: Optional[Union[Literal[False], float]] = Field(
+        None, description="LayerScale init value (CaiT, arXiv 2103.17239); false disables")
+    res_scale: Optional[bool] = Field(None, description="learned per-channel scale on the residual "
+                                      "branch (ResScale, MetaFormer baselines arXiv 2210.13452)")
+    pos_embed: Optional[PosEmbed] = Field(None, description="position embedding added after the downsampler")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _patch_shorthand(cls, data: Any) -> Any:
+        # BasicLayerConfig puts patch_size/stride/padding on the stage; they mean a conv downsampler.
+        if not isinstance(data, dict) or not any(k in data for k in _PATCH_KEYS):
+            return data
+        data = dict(data)
+        conv = {"kind": "conv", **{k: data.pop(k) for k in _PATCH_KEYS if k in data}}
+        if data.get("downsample") is not None:
+            raise PydanticCustomError(
+                "patch_shorthand_conflict",
+                "give either downsample or the shorthand patch_size/stride/padding, not both")
+        data["downsample"] = conv
+        return data
+
+    @field_validator("layer_scale")
+    @classmethod
+    def _layer_scale_positive(cls, v):
+        if v is True:
+            raise PydanticCustomError("layer_scale", "layer_scale is an init value (e.g. 1e-5) or false")
+        if v is not False and v is not None and v < 0:
+            raise PydanticCustomError("layer_scale", "layer_scale init value must be >= 0, or false to disable")
+        return v
+
+
+class StageDefaults(_StageOptions):
+    """Model-wide values for every stage field left unset (e.g. one norm for all stages)."""
+
+
+class StageSpec(_StageOptions):
+    """One stage: a downsampler, then ``depth`` blocks of norm / token mixer / norm / feedforward.
+
+    ``embedding`` is the stage's width (channels). ``seq_len``, when given, must equal the
+    number of tokens the plan derives for the stage (H * W after its downsampler).
+    """
+
+    embedding: int = Field(..., ge=1, description="stage width in channels")
+    seq_len: Optional[int] = Field(None, ge=1, description="tokens in the stage; checked against the plan")
+
+
+class EncoderSpec(StrictModel):
+    """A hierarchical encoder: image geometry, stages, model-wide defaults and the head.
+
+    ``img_size`` is an int (square) or ``[H, W]`` in pixels. ``attn_backend`` picks the attention
+    kernel: ``auto`` (xformers on CUDA when importable, else SDPA), ``xformers``, ``sdpa`` or
+    ``math``; it can be overridden at run time (:func:`hfactory.attention_backend`).
+    """
+
+    name: Optional[str] = None
+    img_size: Union[int, tuple[int, int]] = 224
+    in_chans: int = Field(3, ge=1)
+    stages: list[StageSpec] = Field(..., min_length=1)
+    defaults: StageDefaults = Field(default_factory=StageDefaults)
+    drop_path_rate: float = Field(0.0, ge=0, lt=1, description="stochastic depth, linear over all blocks")
+    num_classes: int = Field(1000, ge=0, description="0 gives pooled features from forward()")
+    global_pool: Literal["avg", "max"] = "avg"
+    drop_rate: float = Field(0.0, ge=0, lt=1, description="dropout before the classifier")
+    head_norm: Norm = Field(default_factory=lambda: {"kind": "layernorm"},
+                            description="final norm; identity for none")
+    head_norm_first: bool = Field(False, description="true: norm the final map before pooling "
+                                  "(Swin, ViT); false: norm the pooled vector (MetaFormer, Hiera)")
+    attn_backend: Literal["auto", "xformers", "sdpa", "math"] = "auto"
+
+    @field_validator("img_size")
+    @classmethod
+    def _img_size_positive(cls, v):
+        sizes = (v, v) if isinstance(v, int) else v
+        if any(s < 1 for s in sizes):
+            raise PydanticCustomError("img_size", "img_size must be positive: an int or [height, width]")
+        return v
+
+    @property
+    def img_hw(self) -> tuple[int, int]:
+        """``img_size`` as ``(H, W)`` in pixels."""
+        return (self.img_size, self.img_size) if isinstance(self.img_size, int) else tuple(self.img_size)
