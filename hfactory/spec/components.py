@@ -235,8 +235,16 @@ class AttentionParams(TokenMixerParams):
     proj_bias: bool = True
     attn_drop: float = Field(0.0, ge=0, lt=1)
     proj_drop: float = Field(0.0, ge=0, lt=1)
+    rotary: bool = Field(False, description="rotary position embedding on q and k over the flattened "
+                         "token index (RoFormer, arXiv 2104.09864; xformers' use_rotary_embeddings)")
     uses_heads: ClassVar[bool] = True
     accepts: ClassVar[frozenset] = frozenset({"grid", "units", "seq"})
+
+    def resolve(self, ctx: StageContext) -> dict:
+        if self.rotary and ctx.dim_head % 2:
+            raise PlanError(f"{ctx.loc}.rotary", f"rotary embeddings need an even dim_head, got {ctx.dim_head}; "
+                            "change num_heads or dim_head")
+        return super().resolve(ctx)
 
 
 class PoolingParams(TokenMixerParams):
@@ -251,6 +259,29 @@ class PoolingParams(TokenMixerParams):
             raise PlanError(f"{ctx.loc}.pool_size", f"pool_size {self.pool_size} is even, which would "
                             "shift the grid; use an odd size (3 in PoolFormer)")
         return super().resolve(ctx)
+
+
+class SepConvParams(TokenMixerParams):
+    """ConvFormer's separable conv (MobileNetV2-style inverted block; arXiv 2210.13452, timm
+    ``metaformer.SepConv``): ``pwconv1 (dim -> expansion_ratio*dim) -> act -> depthwise
+    kernel_size conv -> pwconv2``. ``bias`` applies to both pointwise layers."""
+
+    kind: Literal["sepconv"] = "sepconv"
+    expansion_ratio: float = Field(2.0, gt=0)
+    kernel_size: int = Field(7, ge=1)
+    activation: Literal["gelu", "gelu_tanh", "relu", "silu", "squared_relu", "star_relu"] = "star_relu"
+    bias: bool = False
+
+    def resolve(self, ctx: StageContext) -> dict:
+        if self.kernel_size % 2 == 0:
+            raise PlanError(f"{ctx.loc}.kernel_size", f"kernel_size {self.kernel_size} is even, which would "
+                            "shift the grid; use an odd size (7 in ConvFormer)")
+        hidden = int(self.expansion_ratio * ctx.dim)
+        if hidden < 1:
+            raise PlanError(f"{ctx.loc}.expansion_ratio", f"{self.expansion_ratio} x width {ctx.dim} rounds to 0 "
+                            "channels; use a larger expansion_ratio")
+        return {"kind": self.kind, "dim": ctx.dim, "hidden_chs": hidden, "kernel_size": self.kernel_size,
+                "activation": self.activation, "bias": self.bias}
 
 
 class IdentityMixerParams(TokenMixerParams):
@@ -366,6 +397,7 @@ _BUILTINS = [
     ("norm", IdentityNormParams, "hfactory.layers.norm:Identity"),
     ("token_mixer", AttentionParams, "hfactory.layers.mixers:Attention"),
     ("token_mixer", PoolingParams, "hfactory.layers.mixers:Pooling"),
+    ("token_mixer", SepConvParams, "hfactory.layers.mixers:SepConv"),
     ("token_mixer", IdentityMixerParams, "hfactory.layers.mixers:Identity"),
     ("downsample", ConvDownsampleParams, "hfactory.layers.downsample:ConvDownsample"),
     ("downsample", NoDownsampleParams, "hfactory.layers.downsample:Identity"),
