@@ -279,9 +279,9 @@ class HierarchicalEncoder(nn.Module):
         """timm ``group_matcher``: regexes grouping parameters by stem / stage / block (for
         layer-wise learning-rate decay)."""
         return dict(
-            stem=r"^stages\.0\.(downsample|pos_embed)",
+            stem=r"^stages\.0\.(?:downsample|pos_embed)",
             blocks=r"^stages\.(\d+)" if coarse else [
-                (r"^stages\.(\d+)\.(downsample|pos_embed)", (0,)),
+                (r"^stages\.(\d+)\.(?:downsample|pos_embed)", (0,)),
                 (r"^stages\.(\d+)\.blocks\.(\d+)", None),
                 (r"^norm", (99999,)),
             ],

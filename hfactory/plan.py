@@ -136,7 +136,7 @@ def _pick(stage: StageSpec, defaults: StageDefaults, name: str):
 
 def _heads(loc: str, dim: int, stage: StageSpec, defaults: StageDefaults) -> tuple[int, int]:
     """(num_heads, dim_head) from the most specific level that sets either of them."""
-    for source, where in ((stage, loc), (defaults, "defaults"), (LIBRARY_DEFAULTS, "defaults")):
+    for source, where in ((stage, loc), (defaults, "defaults"), (LIBRARY_DEFAULTS, loc)):
         num_heads, dim_head = source.num_heads, source.dim_head
         if num_heads is None and dim_head is None:
             continue
@@ -150,7 +150,8 @@ def _heads(loc: str, dim: int, stage: StageSpec, defaults: StageDefaults) -> tup
                                 f"{dim} of {loc}; valid: {divisors}")
             return num_heads, dim // num_heads
         if dim % dim_head:
-            raise PlanError(f"{where}.dim_head", f"dim_head {dim_head} does not divide the embedding {dim} of "
+            what = "dim_head" if source is not LIBRARY_DEFAULTS else "the default dim_head"
+            raise PlanError(f"{where}.dim_head", f"{what} {dim_head} does not divide the embedding {dim} of "
                             f"{loc}; set {loc}.num_heads (one of {divisors}) or a dim_head dividing {dim}")
         return dim // dim_head, dim_head
     raise AssertionError("LIBRARY_DEFAULTS sets dim_head")

@@ -12,8 +12,9 @@ Users register their own components with :func:`register` and get the same valid
 from __future__ import annotations
 
 import importlib
+import typing
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any, Callable, Literal, Union
 
 from .spec.base import did_you_mean
 
@@ -77,7 +78,8 @@ def register(slot: str, name: str, params: type, builder: Builder, *, overwrite:
     if not (isinstance(params, type) and issubclass(params, expected)):
         raise ValueError(f"params for {slot} {name!r} must subclass hfactory.spec.components.{expected.__name__}")
     kind_field = params.model_fields.get("kind")
-    if kind_field is None or kind_field.default != name:
+    if kind_field is None or kind_field.default != name or typing.get_origin(kind_field.annotation) is not Literal \
+            or typing.get_args(kind_field.annotation) != (name,):
         raise ValueError(f"params {params.__name__} must declare kind: Literal[{name!r}] = {name!r}")
     if name in _REGISTRY[slot] and not overwrite:
         raise ValueError(f"{slot} {name!r} is already registered; pass overwrite=True to replace it")

@@ -69,12 +69,12 @@ class _StageOptions(StrictModel):
         data["downsample"] = conv
         return data
 
-    @field_validator("layer_scale")
+    @field_validator("layer_scale", mode="before")
     @classmethod
     def _layer_scale_positive(cls, v):
         if v is True:
             raise PydanticCustomError("layer_scale", "layer_scale is an init value (e.g. 1e-5) or false")
-        if v is not False and v is not None and v < 0:
+        if isinstance(v, (int, float)) and v is not False and v < 0:
             raise PydanticCustomError("layer_scale", "layer_scale init value must be >= 0, or false to disable")
         return v
 
