@@ -170,6 +170,7 @@ def resolve(spec: EncoderSpec, img_size: Optional[tuple[int, int]] = None) -> Pl
         spec: a validated :class:`EncoderSpec` (see :func:`hfactory.load_spec`).
         img_size: plan for this ``(H, W)`` instead of ``spec.img_size`` (what an encoder does
             when it sees a different input size; position embeddings are then interpolated).
+            ``seq_len`` values given in the spec are checked only at ``spec.img_size``.
 
     Returns:
         :class:`Plan`.
@@ -209,7 +210,9 @@ def _resolve(spec: EncoderSpec, img_size: tuple[int, int]) -> Plan:
         ds_resolved = ds.resolve(chs, dim, grid, f"{loc}.downsample")
         layout = ds.produces
         seq_len = out_grid[0] * out_grid[1]
-        if stage.seq_len is not None and stage.seq_len != seq_len:
+        # seq_len is the user's statement about the spec's own img_size; at other input sizes
+        # (an encoder running 224x160 after being specified at 224) it does not apply.
+        if stage.seq_len is not None and stage.seq_len != seq_len and tuple(img_size) == spec.img_hw:
             raise PlanError(f"{loc}.seq_len", f"seq_len {stage.seq_len} does not match the derived "
                             f"{out_grid[0]}x{out_grid[1]} = {seq_len} tokens; use {seq_len} or leave it unset")
 

@@ -138,3 +138,8 @@ def test_other_input_size_is_planned_on_request():
     assert resolve(spec, img_size=(256, 320)).stages[-1].out_grid == (8, 10)
     with pytest.raises(PlanError):
         resolve(spec, img_size=(250, 320))
+
+
+def test_seq_len_refers_to_the_specs_own_img_size():
+    spec = load_spec({"stages": [{"embedding": 32, "patch_size": 4, "seq_len": 3136}]})
+    assert resolve(spec, img_size=(224, 160)).stages[0].seq_len == 56 * 40

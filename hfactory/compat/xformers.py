@@ -52,7 +52,15 @@ Input size: xformers never took an image size; it is derived from stage 0 as
 ``H = W = sqrt(seq_len) * stride`` unless given. ``seq_len`` values are checked against that build
 size. At run time the model also accepts any other size hfactory's plan admits (position
 embeddings are bicubically interpolated), e.g. a model built for 224x224 runs on 224x160 images;
-its ``seq_len`` checks still refer to the build size.
+its ``seq_len`` values refer to the build size (hfactory checks a spec's ``seq_len`` only at its
+``img_size``).
+
+Checked against the original (xformers 6e10bd21 run on CPU, weights copied across, stage 2+
+position embeddings zeroed): outputs agree to ~1e-5 for pre/post-norm, with and without rotary
+embeddings, for ``scaled_dot_product`` and ``pooling`` stages, ``repeat_layer`` and ``skip``
+normalization (``tests/test_compat_xformers.py``, opt-in via ``HFACTORY_XFORMERS_SRC``).
+Parameter counts differ only by the extra per-stage position embeddings and, for ``pooling``
+stages, by xformers' output projection that pooling built but never used.
 """
 
 from __future__ import annotations
@@ -347,6 +355,8 @@ class xFormer(nn.Module):
 
     The model is an hfactory :class:`~hfactory.HierarchicalEncoder` in ``self.encoder``
     (``self.spec``, ``self.plan``; multi-scale features via ``self.encoder.forward_intermediates``).
+    ``self.spec`` is the config's :meth:`xFormerConfig.to_spec`; its ``seq_len`` values refer to
+    the build size (``self.plan.img_size``), and other input sizes the plan admits run too.
     ``weight_init`` re-initialises it as xformers' ``weight_init.py`` did for these modules:
     ``vit`` (default; xavier-uniform Linears with q, k and v initialised as separate matrices,
     FFN biases N(0, 1e-6), LeCun-normal convs), ``timm`` (Linears truncated-normal std 0.02
