@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 from torch import nn
 
+from .atomic import atomic_path
 from .build import build_component, build_stages
 from .plan import Plan, resolve
 from .spec.io import SpecSource, dump_spec, load_spec
@@ -296,30 +296,11 @@ class HierarchicalEncoder(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        with _atomic_path(directory / WEIGHTS_NAME) as tmp:
+        with atomic_path(directory / WEIGHTS_NAME) as tmp:
             save_file(state, str(tmp), metadata={"spec_hash": spec_hash(self.spec), "format": "pt"})
-        with _atomic_path(directory / SPEC_NAME) as tmp:
+        with atomic_path(directory / SPEC_NAME) as tmp:
             tmp.write_text(dump_spec(self.spec), encoding="utf-8")
         return directory
-
-
-class _atomic_path:
-    """Context manager yielding a temporary path next to ``target``, renamed onto it on success."""
-
-    def __init__(self, target: Path):
-        self.target = target
-
-    def __enter__(self) -> Path:
-        fd, name = tempfile.mkstemp(dir=self.target.parent, prefix=f".{self.target.name}.", suffix=".tmp")
-        os.close(fd)
-        self.tmp = Path(name)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            os.replace(self.tmp, self.target)
-        else:
-            self.tmp.unlink(missing_ok=True)
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, Optional
 
-from pydantic import Field, GetCoreSchemaHandler, GetJsonSchemaHandler, ValidationError
+from pydantic import Field, GetCoreSchemaHandler, GetJsonSchemaHandler
 from pydantic_core import PydanticCustomError, core_schema
 
 from .. import registry
@@ -313,7 +313,6 @@ class ConvDownsampleParams(DownsampleParams):
 
     def out_grid(self, in_grid, loc):
         k, s, p = self.patch_size, self.stride or self.patch_size, self.padding
-        out = []
         for axis, n in zip(("height", "width"), in_grid):
             if n % s:
                 raise PlanError(f"{loc}.stride", f"stride {s} does not divide the input {axis} {n}; "

@@ -142,7 +142,8 @@ def load_image_folder(root: str | os.PathLike, img_size: tuple[int, int], in_cha
             raise FileNotFoundError(f"{path} not found; --data DIR needs {root}/train/<class>/*.jpg and "
                                     f"{root}/val/<class>/*.jpg (ImageFolder layout)")
         try:
-            ds = ImageFolder(str(path), transform=_transforms(img_size, in_chans, split == "train"))
+            ds = ImageFolder(str(path), transform=_transforms(img_size, in_chans, split == "train"),
+                             loader=_load_image)
         except (FileNotFoundError, OSError) as err:  # no class folders, or folders without images
             raise ValueError(f"{path}: no usable images ({err})") from None
         _check_readable(ds, path)
@@ -153,10 +154,20 @@ def load_image_folder(root: str | os.PathLike, img_size: tuple[int, int], in_cha
     return DataBundle(str(root), splits["train"], splits["val"], len(splits["train"].classes), False)
 
 
+def _load_image(path: str):
+    """torchvision's PIL loader, but a corrupt file is a ValueError that names it (not a bare
+    PIL error in the middle of an epoch)."""
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except Exception as err:  # PIL raises several types for corrupt files
+        raise ValueError(f"cannot read image {path}: {err}") from None
+
+
 def _check_readable(ds, path: Path) -> None:
     """Load the first sample now, so an unreadable dataset fails before training starts."""
-    first = ds.samples[0][0]
     try:
         ds[0]
-    except Exception as err:  # PIL raises several types for corrupt files
-        raise ValueError(f"{path}: cannot read {first}: {err}") from None
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None

@@ -1,0 +1,198 @@
+"""The run directory of ``hfactory train``: ownership checks and resumable checkpoints.
+
+Layout of ``--out DIR``::
+
+    run.json            spec hash + name and the training config (written when the run starts)
+    checkpoint/         the last good checkpoint (replaced as a whole, see save_checkpoint)
+        model.safetensors   weights; metadata: spec_hash, step
+        spec.yaml           the spec
+        state.pt            optimizer, scheduler, RNG states, epoch, step, ... (plain tensors/dicts)
+    metrics.jsonl       one JSON line per finished epoch
+    metrics.json        final metrics (written at the end)
+    model/              the final model: save_pretrained(), loadable with hfactory.from_pretrained
+
+Every file is written atomically (a temporary file in the same directory, then ``os.replace``),
+and a checkpoint is first written complete into ``checkpoint.new/`` and then swapped in, so a
+crash at any moment leaves one complete checkpoint (see :func:`find_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..atomic import atomic_path
+from ..encoder import SPEC_NAME, WEIGHTS_NAME, spec_hash
+from ..spec.io import dump_spec, load_spec
+from ..spec.model import EncoderSpec
+
+__all__ = ["RUN_FILE", "CHECKPOINT_DIR", "MODEL_DIR", "STATE_NAME", "atomic_path", "write_json",
+           "check_out_dir", "read_run", "save_checkpoint", "find_checkpoint", "load_checkpoint",
+           "checked_model_dir"]
+
+RUN_FILE = "run.json"
+CHECKPOINT_DIR = "checkpoint"
+MODEL_DIR = "model"
+STATE_NAME = "state.pt"
+METRIC_FILES = ("metrics.jsonl", "metrics.json")
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def read_run(out: Path) -> Optional[dict]:
+    """The ``run.json`` of ``out`` (None when there is none)."""
+    path = out / RUN_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _recorded_hash(out: Path) -> Optional[str]:
+    """The spec hash of whatever run ``out`` holds: run.json, else a checkpoint or model spec."""
+    run = read_run(out)
+    if run is not None:
+        return run["spec_hash"]
+    for sub in (CHECKPOINT_DIR, MODEL_DIR, CHECKPOINT_DIR + ".old", CHECKPOINT_DIR + ".new"):
+        if (out / sub / SPEC_NAME).is_file():
+            return spec_hash(load_spec(out / sub / SPEC_NAME))
+    if any((out / name).exists() for name in METRIC_FILES):
+        return "unknown"
+    return None
+
+
+def check_out_dir(out: Path, spec: EncoderSpec, resume: bool) -> bool:
+    """Refuse to write a run of ``spec`` into ``out`` when that would overwrite another run.
+
+    Returns:
+        True when ``out`` already holds a run of this spec (and ``resume`` is set).
+
+    Raises:
+        ValueError: ``out`` is a file; it holds a run of another spec (different spec hash);
+            it holds a run of this spec and ``resume`` is False; ``resume`` is set but ``out``
+            holds no run. Nothing is written in any of these cases.
+    """
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory")
+    recorded = _recorded_hash(out) if out.is_dir() else None
+    want = spec_hash(spec)
+    if recorded is None:
+        if resume:
+            raise ValueError(f"--resume: {out} holds no run to resume; leave out --resume to start one")
+        return False
+    if recorded != want:
+        raise ValueError(f"{out} already holds a run of another spec (spec hash {recorded}, this spec is {want}); "
+                         "choose another --out; nothing was overwritten")
+    if not resume:
+        raise ValueError(f"{out} already holds a run of this spec; add --resume to continue it from its last "
+                         "checkpoint, or choose another --out")
+    return True
+
+
+def save_checkpoint(out: Path, model: torch.nn.Module, state: dict) -> Path:
+    """Write ``out/checkpoint`` (weights, spec, ``state``) so that a crash never leaves it half-written.
+
+    ``state`` holds plain tensors, numbers, strings, lists and dicts only (it is loaded with
+    ``torch.load(weights_only=True)``); it must contain ``step`` and ``spec_hash``.
+
+    The checkpoint is written complete into ``checkpoint.new/``; then ``checkpoint`` becomes
+    ``checkpoint.old``, ``checkpoint.new`` becomes ``checkpoint`` and ``checkpoint.old`` is
+    deleted. Returns the checkpoint directory.
+    """
+    from safetensors.torch import save_file
+
+    final, new, old = out / CHECKPOINT_DIR, out / (CHECKPOINT_DIR + ".new"), out / (CHECKPOINT_DIR + ".old")
+    shutil.rmtree(new, ignore_errors=True)
+    new.mkdir(parents=True)
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(new / WEIGHTS_NAME) as tmp:
+        save_file(weights, str(tmp), metadata={"spec_hash": state["spec_hash"], "step": str(state["step"]),
+                                               "format": "pt"})
+    with atomic_path(new / SPEC_NAME) as tmp:
+        tmp.write_text(dump_spec(model.spec), encoding="utf-8")
+    with atomic_path(new / STATE_NAME) as tmp:  # last: its presence marks the checkpoint complete
+        torch.save(state, tmp)
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def find_checkpoint(out: Path) -> Optional[Path]:
+    """The complete checkpoint directory in ``out``, or None.
+
+    ``checkpoint`` normally; after a crash in the middle of :func:`save_checkpoint`'s swap,
+    ``checkpoint.new`` (if complete, it is the newer) or else ``checkpoint.old``.
+    """
+    for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".new", CHECKPOINT_DIR + ".old"):
+        path = out / name
+        if all((path / f).is_file() for f in (WEIGHTS_NAME, SPEC_NAME, STATE_NAME)):
+            return path
+    return None
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, expected_hash: str) -> dict:
+    """Load the checkpoint at ``path`` into ``model`` and return its state dict (``state.pt``).
+
+    Raises:
+        ValueError: the checkpoint's spec hash is not ``expected_hash``, its weights and state
+            are from different steps, or the weights do not fit ``model``.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from ..encoder import load_checked
+
+    state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
+    with safe_open(str(path / WEIGHTS_NAME), "pt") as f:
+        meta = f.metadata() or {}
+    found = {state.get("spec_hash"), meta.get("spec_hash"), spec_hash(load_spec(path / SPEC_NAME))}
+    if found != {expected_hash}:
+        raise ValueError(f"checkpoint {path} was written for spec hash(es) {sorted(map(str, found))}, "
+                         f"but this spec hashes to {expected_hash}; it cannot be resumed with this spec")
+    if meta.get("step") != str(state["step"]):
+        raise ValueError(f"checkpoint {path}: weights are from step {meta.get('step')} but the optimizer state "
+                         f"from step {state['step']}; the checkpoint is inconsistent")
+    load_checked(model, load_file(str(path / WEIGHTS_NAME)), source=str(path / WEIGHTS_NAME))
+    return state
+
+
+def checked_model_dir(path: Path) -> Path:
+    """Find the saved model for ``hfactory eval`` and check that its weights match its spec.
+
+    ``path`` may be a ``save_pretrained`` directory, a run directory (its ``model/`` is used,
+    or its checkpoint if the run has not finished).
+
+    Raises:
+        FileNotFoundError: no saved model at ``path``.
+        ValueError: the weights were saved for another spec than the ``spec.yaml`` next to them,
+            or (for a run directory) than the run's spec.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    candidates = [path, path / MODEL_DIR]
+    if find_checkpoint(path) is not None:
+        candidates.append(find_checkpoint(path))
+    model_dir = next((c for c in candidates if (c / WEIGHTS_NAME).is_file() and (c / SPEC_NAME).is_file()), None)
+    if model_dir is None:
+        raise FileNotFoundError(f"no saved model in {path}: expected {SPEC_NAME} and {WEIGHTS_NAME} there, "
+                                f"or a run directory with {MODEL_DIR}/ or {CHECKPOINT_DIR}/")
+    actual = spec_hash(load_spec(model_dir / SPEC_NAME))
+    with safe_open(str(model_dir / WEIGHTS_NAME), "pt") as f:
+        saved = (f.metadata() or {}).get("spec_hash")
+    if saved is not None and saved != actual:
+        raise ValueError(f"{model_dir / WEIGHTS_NAME} was saved for spec hash {saved}, but {model_dir / SPEC_NAME} "
+                         f"hashes to {actual}: the spec was changed after saving; restore it or retrain")
+    run = read_run(path)
+    if run is not None and run["spec_hash"] != actual:
+        raise ValueError(f"{model_dir} holds a model of spec hash {actual}, but the run in {path} is of spec "
+                         f"hash {run['spec_hash']}")
+    return model_dir

@@ -1,0 +1,329 @@
+"""The training loop of ``hfactory train``: AdamW, warmup + cosine per step, label smoothing.
+
+Reproducible: with the same seed (and thread count), a run gives the same weights, and a run
+stopped and resumed from its checkpoint gives the same weights as one that never stopped:
+
+- the model is initialised after ``torch.manual_seed(seed)``;
+- the order of epoch ``e`` is a permutation drawn from a generator seeded with
+  ``seed * 10_000 + e``, so it needs no saved state (a resume mid-epoch skips the batches done);
+- augmentation draws from its own generator, stochastic depth from torch's global RNG; both
+  states go into the checkpoint with the optimizer and scheduler states.
+
+Exact resumption holds for in-memory data (digits) and, for ImageFolder data, at epoch
+boundaries (each epoch's DataLoader is seeded from the run seed and the epoch).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..encoder import HierarchicalEncoder, spec_hash
+from ..spec.model import EncoderSpec
+from . import checkpoint as ckpt
+from . import TrainConfig
+from .data import DataBundle, load_data
+
+__all__ = ["NonFiniteLossError", "train", "evaluate", "param_groups", "WarmupCosine"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or the test loss) became NaN or infinite; the run stopped without saving."""
+
+
+class WarmupCosine:
+    """LR factor for ``LambdaLR``, per optimizer step: linear warmup from ``1/warmup`` to 1 over
+    ``warmup`` steps, then cosine decay to 0 at ``total`` steps. A class (not a closure) so the
+    scheduler's state_dict holds its numbers."""
+
+    def __init__(self, warmup: int, total: int):
+        self.warmup, self.total = warmup, total
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.total - self.warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups by timm's rule: decay only parameters with ``ndim >= 2`` (weights of linear
+    and conv layers) that are not in ``model.no_weight_decay()``; biases, norm and scale vectors
+    and position embeddings are not decayed."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or name in skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The sample order of ``epoch``: a function of (seed, epoch) only, so resuming needs no state."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 10_000 + epoch))
+
+
+def _random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Translate each image of ``x`` ``(B, C, H, W)`` by its own random integer offset in
+    ``[-max_shift, max_shift]`` per axis, filling with the image's minimum (the background)."""
+    if max_shift == 0:
+        return x
+    b, _, h, w = x.shape
+    padded = F.pad(x, (max_shift,) * 4, value=float(x.min()))
+    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, b), generator=gen)
+    rows = (dy[:, None] + torch.arange(h))[:, :, None]  # (B, H, 1)
+    cols = (dx[:, None] + torch.arange(w))[:, None, :]  # (B, 1, W)
+    return padded[torch.arange(b)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # (B, H, W, C) -> NCHW
+
+
+def _batches(data: DataBundle, order: torch.Tensor, config: TrainConfig, epoch: int):
+    """Yield training ``(images, labels)`` batches in ``order`` (already cut to the remaining part)."""
+    if data.in_memory:
+        x, y = data.train.tensors
+        for i in range(0, len(order), config.batch_size):
+            idx = order[i:i + config.batch_size]
+            yield x[idx], y[idx]
+    else:
+        loader = torch.utils.data.DataLoader(
+            data.train, batch_size=config.batch_size, sampler=order.tolist(), num_workers=config.workers,
+            generator=torch.Generator().manual_seed(config.seed * 10_000 + epoch), persistent_workers=False)
+        yield from loader
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, batch_size: int = 256, amp: bool = False, workers: int = 0,
+             device: Optional[torch.device] = None) -> dict:
+    """Accuracy and mean cross-entropy (no label smoothing) of ``model`` on ``dataset``.
+
+    Returns:
+        ``{"test_loss": float (nats), "test_accuracy": float in [0, 1], "images": int}``.
+    """
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    if isinstance(dataset, torch.utils.data.TensorDataset):
+        x, y = dataset.tensors
+        batches = ((x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(y), batch_size))
+    else:
+        batches = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    loss_sum, correct, n = 0.0, 0, 0
+    for images, labels in batches:
+        images, labels = images.to(device), labels.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(images)
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+        correct += (logits.argmax(1) == labels).sum().item()
+        n += len(labels)
+    model.train(was_training)
+    if n == 0:
+        raise ValueError("the test set is empty")
+    return {"test_loss": loss_sum / n, "test_accuracy": correct / n, "images": n}
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def train(spec: EncoderSpec, out: str | os.PathLike, config: Optional[TrainConfig] = None,
+          resume: bool = False) -> dict:
+    """Train ``spec`` on ``config.data`` and write the run into ``out`` (layout: :mod:`.checkpoint`).
+
+    Evaluates on the test split after every epoch, appends a line to ``out/metrics.jsonl``,
+    and saves a checkpoint; at the end saves the model to ``out/model`` (``save_pretrained``)
+    and the final metrics to ``out/metrics.json``.
+
+    Returns:
+        the final metrics (``test_accuracy``, ``test_loss``, ``params``, ``epochs``, ``steps``,
+        ``elapsed_s``, ...); with ``stopped: True`` when ``config.stop_at_step`` ended it early.
+
+    Raises:
+        ValueError: bad options, ``out`` holds another run (see :func:`.checkpoint.check_out_dir`),
+            the data's class count differs from ``spec.num_classes``, or an unusable checkpoint.
+        FileNotFoundError: the data directory is missing.
+        NonFiniteLossError: the loss became NaN/inf; the last good checkpoint is kept.
+    """
+    config = config or TrainConfig()
+    config.validate()
+    out = Path(out)
+    resuming = ckpt.check_out_dir(out, spec, resume)  # before anything is written
+    torch.set_num_threads(config.threads or len(os.sched_getaffinity(0)))
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    data = load_data(config.data, spec.img_hw, spec.in_chans)
+    if data.num_classes != spec.num_classes:
+        raise ValueError(f"the data {data.name} has {data.num_classes} classes but the spec's num_classes is "
+                         f"{spec.num_classes}; set num_classes: {data.num_classes} in the spec")
+    if data.in_memory:  # move once; batches are then slices on the device
+        data.train.tensors = tuple(t.to(device) for t in data.train.tensors)
+        data.test.tensors = tuple(t.to(device) for t in data.test.tensors)
+
+    torch.manual_seed(config.seed)
+    model = HierarchicalEncoder(spec).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
+    steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
+    total_steps = config.epochs * steps_per_epoch
+    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup_steps, total_steps))
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    aug_gen = torch.Generator().manual_seed(config.seed + 1)
+    max_shift = round(config.shift * min(spec.img_hw))
+    hash_ = spec_hash(spec)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    # Progress of the run: where the loop starts, and the running sums of a partly done epoch.
+    epoch, step, step_in_epoch, elapsed = 0, 0, 0, 0.0
+    partial = {"loss_sum": 0.0, "images": 0, "train_s": 0.0}
+    found = ckpt.find_checkpoint(out) if resuming else None
+    if found is not None:
+        state = ckpt.load_checkpoint(found, model, hash_)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        # (a new WarmupCosine: load_state_dict has overwritten the old one's numbers with the run's)
+        _apply_config(optimizer, scheduler, WarmupCosine(warmup_steps, total_steps), config)
+        torch.set_rng_state(state["torch_rng"])
+        aug_gen.set_state(state["aug_rng"])
+        epoch, step, step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
+        elapsed, partial = state["elapsed_s"], state["partial"]
+        _log(f"resuming {out} at epoch {epoch + 1}, step {step}")
+    elif resuming:
+        _log(f"{out} has no checkpoint yet; starting the run from the beginning")
+    if config.stop_at_step is not None and config.stop_at_step <= step:
+        raise ValueError(f"--stop-at-step {config.stop_at_step}: the run is already at step {step}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt.write_json(out / ckpt.RUN_FILE, {"spec_hash": hash_, "spec_name": spec.name, "params": n_params,
+                                          "config": asdict(config)})
+    _truncate_metrics(out / "metrics.jsonl", epoch)  # drop epochs past the checkpoint (a crash after logging)
+
+    def snapshot() -> dict:  # what a checkpoint holds besides the weights; plain tensors and values only
+        return {"spec_hash": hash_, "epoch": epoch, "step": step, "step_in_epoch": step_in_epoch,
+                "elapsed_s": elapsed, "partial": partial, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                "aug_rng": aug_gen.get_state()}
+
+    last = None
+    run_start = time.perf_counter() - elapsed
+    while epoch < config.epochs:
+        model.train()
+        order = _epoch_order(len(data.train), config.seed, epoch)[step_in_epoch * config.batch_size:]
+        bar = _progress_bar(config, len(order), epoch)
+        tick = time.perf_counter()
+        for images, labels in _batches(data, order, config, epoch):
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            if data.in_memory:
+                images = _random_shift(images, max_shift, aug_gen)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp):
+                loss = criterion(model(images), labels)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                _close(bar)
+                raise NonFiniteLossError(_nonfinite_message("loss", loss_value, epoch, step, out))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.clip_grad is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+            optimizer.step()
+            scheduler.step()
+            step, step_in_epoch = step + 1, step_in_epoch + 1
+            now = time.perf_counter()
+            partial["loss_sum"] += loss_value * len(labels)
+            partial["images"] += len(labels)
+            partial["train_s"] += now - tick
+            tick = now
+            if bar is not None:
+                bar.update(len(labels))
+                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}", refresh=False)
+            if config.stop_at_step is not None and step >= config.stop_at_step:
+                _close(bar)
+                elapsed = time.perf_counter() - run_start
+                ckpt.save_checkpoint(out, model, snapshot())
+                _log(f"stopped at step {step} (--stop-at-step); continue with --resume")
+                return {"stopped": True, "epoch": epoch, "step": step, "elapsed_s": elapsed}
+        _close(bar)
+
+        metrics = evaluate(model, data.test, config.eval_batch_size, config.amp, config.workers, device)
+        if not math.isfinite(metrics["test_loss"]):  # e.g. weights overflowed on the last step
+            raise NonFiniteLossError(_nonfinite_message("test loss", metrics["test_loss"], epoch, step, out))
+        epoch += 1
+        elapsed = time.perf_counter() - run_start
+        last = {"epoch": epoch, "step": step, "train_loss": partial["loss_sum"] / max(1, partial["images"]),
+                "test_loss": metrics["test_loss"], "test_accuracy": metrics["test_accuracy"],
+                "lr": scheduler.get_last_lr()[0],
+                "images_per_s": partial["images"] / max(partial["train_s"], 1e-9), "elapsed_s": elapsed}
+        with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(last) + "\n")
+        _log(f"epoch {epoch}/{config.epochs}  train_loss {last['train_loss']:.4f}  "
+             f"test_loss {last['test_loss']:.4f}  test_acc {last['test_accuracy']:.4f}  lr {last['lr']:.2e}  "
+             f"{last['images_per_s']:.0f} img/s  {elapsed:.1f}s")
+        step_in_epoch, partial = 0, {"loss_sum": 0.0, "images": 0, "train_s": 0.0}
+        ckpt.save_checkpoint(out, model, snapshot())
+
+    if last is None:  # resumed a finished run: report its recorded result again
+        metrics = evaluate(model, data.test, config.eval_batch_size, config.amp, config.workers, device)
+    model.save_pretrained(out / ckpt.MODEL_DIR)
+    final = {"test_accuracy": metrics["test_accuracy"], "test_loss": metrics["test_loss"], "params": n_params,
+             "epochs": epoch, "steps": step, "elapsed_s": time.perf_counter() - run_start,
+             "train_images": len(data.train), "test_images": metrics["images"], "data": data.name,
+             "spec_hash": hash_, "seed": config.seed}
+    ckpt.write_json(out / "metrics.json", final)
+    return final
+
+
+def _apply_config(optimizer, scheduler, schedule: WarmupCosine, config: TrainConfig) -> None:
+    """After loading a checkpoint, make this invocation's lr, weight decay and schedule govern the
+    remaining steps (the loaded states carry the old ones). With an unchanged config this sets
+    the very values that were loaded, so an exact resume stays exact."""
+    scheduler.lr_lambdas = [schedule] * len(optimizer.param_groups)
+    scheduler.base_lrs = [config.lr] * len(optimizer.param_groups)
+    for group, decays in zip(optimizer.param_groups, (True, False)):  # the order of param_groups()
+        group["initial_lr"] = config.lr
+        group["weight_decay"] = config.weight_decay if decays else 0.0
+        group["lr"] = config.lr * schedule(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
+
+
+def _progress_bar(config: TrainConfig, images: int, epoch: int):
+    """A tqdm bar counting images (so its rate is images/s), or None when progress is off."""
+    if not config.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=images, desc=f"epoch {epoch + 1}/{config.epochs}", unit="img", leave=False,
+                dynamic_ncols=True)
+
+
+def _close(bar) -> None:
+    if bar is not None:
+        bar.close()
+
+
+def _nonfinite_message(what: str, value: float, epoch: int, step: int, out: Path) -> str:
+    found = ckpt.find_checkpoint(out)
+    kept = (f"the last good checkpoint {found} is kept (resume with --resume after lowering --lr, or add "
+            f"--clip-grad)") if found else "no checkpoint had been written yet"
+    return (f"non-finite {what} ({value}) in epoch {epoch + 1} after step {step}; stopped without saving; "
+            f"{kept}")
+
+
+def _truncate_metrics(path: Path, epochs_done: int) -> None:
+    """Keep only the metrics lines of the first ``epochs_done`` epochs (atomically)."""
+    if not path.is_file():
+        return
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["epoch"] <= epochs_done:
+                lines.append(line)
+        except (ValueError, KeyError, TypeError):  # a line cut short by a crash
+            pass
+    with ckpt.atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
