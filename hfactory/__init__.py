@@ -8,6 +8,7 @@ Importing ``hfactory`` does not import torch; the torch-side names load on first
 from .spec import EncoderSpec, StageDefaults, StageSpec, dump_spec, load_spec  # isort: skip
 from . import registry
 from .plan import Plan, PlanError, StagePlan, resolve
+from .presets import create_model, list_models, load_preset
 
 __version__ = "0.1.0"
 
@@ -20,7 +21,7 @@ _LAZY = {
 }
 
 __all__ = ["EncoderSpec", "StageSpec", "StageDefaults", "Plan", "StagePlan", "PlanError", "resolve",
-           "load_spec", "dump_spec", "registry", *_LAZY]
+           "load_spec", "dump_spec", "registry", "create_model", "list_models", "load_preset", *_LAZY]
 
 
 def __getattr__(name):

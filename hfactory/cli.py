@@ -19,9 +19,9 @@ __all__ = ["main"]
 
 
 def _load(spec_arg: str):
-    from .spec.io import load_spec
+    from .presets import resolve_spec_arg
 
-    return load_spec(Path(spec_arg) if Path(spec_arg).suffix in (".yaml", ".yml", ".json") else spec_arg)
+    return resolve_spec_arg(spec_arg)
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("summary", help="print the resolved plan and parameter counts of a spec")
-    p.add_argument("spec", help="spec YAML path")
+    p.add_argument("spec", help="spec YAML path or preset name")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_summary)
 
