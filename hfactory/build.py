@@ -7,6 +7,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import registry
 from .layers.block import Block
+from .layers.layout import grid_to_units
 from .plan import Plan, StagePlan
 
 __all__ = ["build_component", "build_stages", "Stage"]
@@ -19,23 +20,28 @@ def build_component(slot: str, resolved: dict) -> nn.Module:
 
 
 class Stage(nn.Module):
-    """``downsample -> pos_embed -> blocks``; ``(B, H, W, C_in) -> (B, H', W', C_out)``."""
+    """``downsample -> pos_embed -> [grid to units] -> blocks``: ``(B, H, W, C_in)`` (or units) to
+    ``(B, H', W', C_out)`` (or units ``(B, U, uh', uw', C_out)``)."""
 
     def __init__(self, plan: StagePlan):
         super().__init__()
         self.downsample = build_component("downsample", plan.downsample)
         self.pos_embed = build_component("pos_embed", plan.pos_embed)
+        # Stage 0 of a spec with mask units converts its grid to the units layout, once.
+        self.unit_size = plan.unit_size if plan.index == 0 and plan.layout == "units" else None
         self.blocks = nn.Sequential(*[
-            Block(plan.out_chs, build_component("token_mixer", plan.token_mixer),
-                  build_component("feedforward", plan.feedforward), build_component("norm", plan.norm),
+            Block(plan.out_chs, build_component("token_mixer", b.token_mixer),
+                  build_component("feedforward", plan.feedforward), build_component("norm", b.norm1),
                   build_component("norm", plan.norm), plan.residual_norm_style, plan.layer_scale,
-                  plan.res_scale, rate)
-            for rate in plan.drop_path
+                  plan.res_scale, rate, dim_in=b.dim_in, q_stride=b.q_stride)
+            for b, rate in zip(plan.blocks, plan.drop_path)
         ])
         self.grad_checkpointing = False
 
     def forward(self, x):
         x = self.pos_embed(self.downsample(x))
+        if self.unit_size is not None:
+            x = grid_to_units(x, self.unit_size)
         if self.grad_checkpointing and x.requires_grad:
             for block in self.blocks:
                 x = checkpoint(block, x, use_reentrant=False)

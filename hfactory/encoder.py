@@ -25,6 +25,7 @@ from torch import nn
 
 from .atomic import atomic_path
 from .build import build_component, build_stages
+from .layers.layout import units_to_grid
 from .plan import Plan, resolve
 from .spec.io import SpecSource, dump_spec, load_spec
 from .spec.model import EncoderSpec
@@ -144,13 +145,22 @@ class HierarchicalEncoder(nn.Module):
         """Apply ``norm`` per location of a channels-last map."""
         return self.norm(x)
 
+    def _as_grid(self, x: torch.Tensor, i: int, image_hw: tuple[int, int]) -> torch.Tensor:
+        """Stage ``i``'s tokens as a ``(B, H, W, C)`` grid (units are put back in place)."""
+        if x.ndim == 4:
+            return x
+        r = self.plan.stages[i].reduction
+        return units_to_grid(x, (image_hw[0] // r, image_hw[1] // r))
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, in_chans, H, W)`` images -> final map ``(B, num_features, H/r, W/r)`` (NCHW),
         normed if ``spec.head_norm_first``."""
         self._check_input(x)
+        image_hw = tuple(x.shape[2:])
         x = x.permute(0, 2, 3, 1)
         for stage in self.stages:
             x = stage(x)
+        x = self._as_grid(x, len(self.stages) - 1, image_hw)
         if self.spec.head_norm_first:
             x = self._final_norm_map(x)
         return x.permute(0, 3, 1, 2)
@@ -192,6 +202,7 @@ class HierarchicalEncoder(nn.Module):
             raise ValueError(f"output_fmt {output_fmt!r}: valid are 'NCHW' and 'NHWC'")
         take, max_index = feature_take_indices(len(self.stages), indices)
         self._check_input(x)
+        image_hw = tuple(x.shape[2:])
         x = x.permute(0, 2, 3, 1)
         last = len(self.stages) - 1
         stages = self.stages[: max_index + 1] if stop_early else self.stages
@@ -199,10 +210,12 @@ class HierarchicalEncoder(nn.Module):
         for i, stage in enumerate(stages):
             x = stage(x)
             if i in take:
-                y = self._final_norm_map(x) if norm and i == last else x
+                y = self._as_grid(x, i, image_hw)
+                y = self._final_norm_map(y) if norm and i == last else y
                 intermediates.append(y.permute(0, 3, 1, 2) if output_fmt == "NCHW" else y)
         if intermediates_only:
             return intermediates
+        x = self._as_grid(x, len(stages) - 1, image_hw)
         if self.spec.head_norm_first and len(stages) == len(self.stages):
             x = self._final_norm_map(x)
         return x.permute(0, 3, 1, 2), intermediates

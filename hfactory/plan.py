@@ -17,6 +17,7 @@ Pure Python: no torch import, so ``hfactory summary`` is instant.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from functools import lru_cache
 from typing import Optional
@@ -27,7 +28,7 @@ from .spec.base import PlanError
 from .spec.components import ComponentParams, StageContext
 from .spec.model import EncoderSpec, StageDefaults, StageSpec
 
-__all__ = ["Plan", "StagePlan", "resolve", "LIBRARY_DEFAULTS", "PlanError"]
+__all__ = ["Plan", "StagePlan", "BlockPlan", "resolve", "LIBRARY_DEFAULTS", "PlanError"]
 
 #: Values used for a stage field that neither the stage nor ``spec.defaults`` sets.
 LIBRARY_DEFAULTS = StageDefaults.model_validate({
@@ -45,14 +46,30 @@ _STEM = {"kind": "conv", "patch_size": 7, "stride": 4, "padding": 2}
 _DOWNSAMPLE = {"kind": "conv", "patch_size": 3, "stride": 2, "padding": 1}
 
 
+class BlockPlan(BaseModel):
+    """What one block needs beyond its stage's entries: its input width and first norm (they
+    differ from the stage's in a fused q-pooling block), its query-pooling stride and its
+    resolved token mixer (Swin alternates shifts, Hiera's first block lags the mixer)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    dim_in: int
+    q_stride: Optional[tuple[int, int]]
+    norm1: dict
+    token_mixer: dict
+
+
 class StagePlan(BaseModel):
     """One stage, fully resolved. Grids are ``(H, W)`` in tokens; ``reduction`` is the total
-    stride from the image in pixels; component entries are the builders' keyword arguments."""
+    stride from the image in pixels; ``unit_size`` the mask unit in tokens (``units`` layout);
+    component entries are the builders' keyword arguments (``token_mixer`` and ``norm`` are the
+    stage's own; ``blocks`` holds each block's)."""
 
     model_config = ConfigDict(frozen=True)
 
     index: int
     layout: str
+    unit_size: Optional[tuple[int, int]] = None
     in_grid: tuple[int, int]
     out_grid: tuple[int, int]
     seq_len: int
@@ -71,6 +88,7 @@ class StagePlan(BaseModel):
     token_mixer: dict
     feedforward: dict
     norm: dict
+    blocks: tuple[BlockPlan, ...]
 
 
 class Plan(BaseModel):
@@ -90,6 +108,7 @@ class Plan(BaseModel):
     head_norm: dict
     head_norm_first: bool
     attn_backend: str
+    mask_unit_size: Optional[tuple[int, int]] = None
     num_features: int
     stages: tuple[StagePlan, ...]
 
@@ -189,17 +208,17 @@ def _resolve_cached(spec_json: str, img_size: Optional[tuple[int, int]]) -> Plan
 
 
 def _resolve(spec: EncoderSpec, img_size: tuple[int, int]) -> Plan:
-    grid, chs, layout = tuple(img_size), spec.in_chans, "grid"
+    grid, chs, layout, unit = tuple(img_size), spec.in_chans, "grid", None
     total = sum(_pick(s, spec.defaults, "depth") for s in spec.stages)
     rates = [spec.drop_path_rate * i / (total - 1) if total > 1 else 0.0 for i in range(total)]
-    stages, block = [], 0
+    stages, block, prev_mixer = [], 0, None
     for i, stage in enumerate(spec.stages):
         loc = f"stages.{i}"
         dim = stage.embedding
         ds = _pick(stage, spec.defaults, "downsample")
         if ds is None:
             ds = StageSpec.model_validate({"embedding": dim, "downsample": _STEM if i == 0 else _DOWNSAMPLE}).downsample
-        if i == 0 and ds.kind == "none" and chs != dim:
+        if i == 0 and (ds.kind == "none" or ds.fused) and chs != dim:
             raise PlanError(f"{loc}.downsample", f"stage 0 needs a patch embedding from {chs} image channels "
                             f"to embedding {dim}; use e.g. {{kind: conv, patch_size: 4}}")
         _check_layout(ds, layout, f"{loc}.downsample")
@@ -208,7 +227,17 @@ def _resolve(spec: EncoderSpec, img_size: tuple[int, int]) -> Plan:
             raise PlanError(f"{loc}.downsample", f"reduces the grid {grid} to {out_grid}; use a smaller stride "
                             "or a larger img_size")
         ds_resolved = ds.resolve(chs, dim, grid, f"{loc}.downsample")
-        layout = ds.produces
+        q_stride = ds.stride_hw if ds.fused else None
+        in_unit = unit
+        if unit is not None:
+            unit = _shrink_unit(unit, grid, out_grid, f"{loc}.downsample")
+        pos = _pick(stage, spec.defaults, "pos_embed")
+        _check_layout(pos, ds.produces if layout == "grid" else layout, f"{loc}.pos_embed")
+        if i == 0:
+            layout = ds.produces
+            if spec.mask_unit_size is not None:
+                unit = _first_unit(spec.mask_unit_hw, out_grid)
+                layout = "units"
         seq_len = out_grid[0] * out_grid[1]
         # seq_len is the user's statement about the spec's own img_size; at other input sizes
         # (an encoder running 224x160 after being specified at 224) it does not apply.
@@ -218,21 +247,24 @@ def _resolve(spec: EncoderSpec, img_size: tuple[int, int]) -> Plan:
 
         mixer = _pick(stage, spec.defaults, "token_mixer")
         _check_layout(mixer, layout, f"{loc}.token_mixer")
-        num_heads = dim_head = None
-        if mixer.uses_heads:
-            num_heads, dim_head = _heads(loc, dim, stage, spec.defaults)
-        ctx = StageContext(loc=f"{loc}.token_mixer", dim=dim, grid=out_grid, layout=layout,
-                           num_heads=num_heads, dim_head=dim_head)
-        ffn, norm, pos = (_pick(stage, spec.defaults, k) for k in ("feedforward", "norm", "pos_embed"))
-        for comp, key in ((ffn, "feedforward"), (norm, "norm"), (pos, "pos_embed")):
+        num_heads, dim_head = _heads(loc, dim, stage, spec.defaults) if mixer.uses_heads else (None, None)
+        ffn, norm = (_pick(stage, spec.defaults, k) for k in ("feedforward", "norm"))
+        for comp, key in ((ffn, "feedforward"), (norm, "norm")):
             _check_layout(comp, layout, f"{loc}.{key}")
         depth = _pick(stage, spec.defaults, "depth")
+        ctx = StageContext(loc=f"{loc}.token_mixer", dim=dim, grid=out_grid, layout=layout,
+                           num_heads=num_heads, dim_head=dim_head, unit_size=unit)
+        norm_resolved = norm.resolve(dim, f"{loc}.norm")
+        blocks = [BlockPlan(dim_in=dim, q_stride=None, norm1=norm_resolved, token_mixer=mixer.resolve(
+            dataclasses.replace(ctx, block_index=b))) for b in range(depth)]
+        if ds.fused:
+            blocks[0] = _fused_first_block(ds, mixer, prev_mixer, stage, spec, loc, dim, chs, grid, in_unit,
+                                           layout, q_stride)
         layer_scale = _pick(stage, spec.defaults, "layer_scale")
-        reduction = img_size[0] // out_grid[0]
         stages.append(StagePlan(
-            index=i, layout=layout, in_grid=grid, out_grid=out_grid, seq_len=seq_len, in_chs=chs, out_chs=dim,
-            reduction=reduction, depth=depth, num_heads=num_heads, dim_head=dim_head,
-            residual_norm_style=_pick(stage, spec.defaults, "residual_norm_style"),
+            index=i, layout=layout, unit_size=unit, in_grid=grid, out_grid=out_grid, seq_len=seq_len, in_chs=chs,
+            out_chs=dim, reduction=img_size[0] // out_grid[0], depth=depth, num_heads=num_heads,
+            dim_head=dim_head, residual_norm_style=_pick(stage, spec.defaults, "residual_norm_style"),
             layer_scale=None if layer_scale is False else float(layer_scale),
             res_scale=_pick(stage, spec.defaults, "res_scale"),
             drop_path=tuple(rates[block:block + depth]),
@@ -240,14 +272,54 @@ def _resolve(spec: EncoderSpec, img_size: tuple[int, int]) -> Plan:
             pos_embed=pos.resolve(StageContext(f"{loc}.pos_embed", dim, out_grid, layout)),
             token_mixer=mixer.resolve(ctx),
             feedforward=ffn.resolve(dim, f"{loc}.feedforward"),
-            norm=norm.resolve(dim, f"{loc}.norm"),
+            norm=norm_resolved,
+            blocks=tuple(blocks),
         ))
         block += depth
-        grid, chs = out_grid, dim
+        grid, chs, prev_mixer = out_grid, dim, mixer
 
     return Plan(
         name=spec.name, img_size=tuple(img_size), in_chans=spec.in_chans, num_classes=spec.num_classes,
         global_pool=spec.global_pool, drop_rate=spec.drop_rate,
         head_norm=spec.head_norm.resolve(chs, "head_norm"), head_norm_first=spec.head_norm_first,
-        attn_backend=spec.attn_backend, num_features=chs, stages=tuple(stages),
+        attn_backend=spec.attn_backend, mask_unit_size=spec.mask_unit_hw, num_features=chs, stages=tuple(stages),
     )
+
+
+def _first_unit(unit: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int]:
+    for axis, n, u in zip(("height", "width"), grid, unit):
+        if n % u:
+            raise PlanError("mask_unit_size", f"mask unit {unit[0]}x{unit[1]} does not tile stage 0's token "
+                            f"grid {grid[0]}x{grid[1]} ({axis} {n}); use a divisor of {n} or change img_size")
+    return tuple(unit)
+
+
+def _shrink_unit(unit, grid, out_grid, loc) -> tuple[int, int]:
+    """A downsampler on the units layout shrinks each unit by its stride; it must divide."""
+    new = []
+    for n, m, u in zip(grid, out_grid, unit):
+        stride = n // m
+        if u % stride:
+            raise PlanError(loc, f"stride {stride} does not divide the mask unit's {u} tokens; units would "
+                            f"straddle; use a stride dividing {u}")
+        new.append(u // stride)
+    return tuple(new)
+
+
+def _fused_first_block(ds, mixer, prev_mixer, stage, spec, loc, dim, dim_in, grid, in_unit, layout, q_stride):
+    """Hiera's stage-transition block: queries (and residual) pooled by q_stride, dim_in -> dim,
+    and, with lag_mixer, the previous stage's token mixer."""
+    if prev_mixer is None:
+        raise PlanError(f"{loc}.downsample", f"{ds.kind!r} pools inside the first block, so it needs a previous "
+                        "stage; stage 0 needs a patch embedding such as {kind: conv, patch_size: 4}")
+    use, where = (prev_mixer, f"stages.{int(loc.split('.')[1]) - 1}.token_mixer") if ds.lag_mixer \
+        else (mixer, f"{loc}.token_mixer")
+    if not use.supports_q_stride:
+        raise PlanError(f"{loc}.downsample", f"{ds.kind!r} needs its first block's token mixer ({use.kind!r} from "
+                        f"{where}) to pool queries; use attention or mask_unit_attention there")
+    _check_layout(use, layout, where)
+    num_heads, dim_head = _heads(loc, dim, stage, spec.defaults)
+    ctx = StageContext(loc=where, dim=dim, grid=grid, layout=layout, num_heads=num_heads, dim_head=dim_head,
+                       unit_size=in_unit, dim_in=dim_in, q_stride=q_stride)
+    norm1 = _pick(stage, spec.defaults, "norm").resolve(dim_in, f"{loc}.norm")
+    return BlockPlan(dim_in=dim_in, q_stride=q_stride, norm1=norm1, token_mixer=use.resolve(ctx))

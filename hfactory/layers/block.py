@@ -1,6 +1,7 @@
 """The generic block: norm / token mixer / norm / feedforward with residuals.
 
 One block for every architecture, as timm ``metaformer.MetaFormerBlock`` (arXiv 2111.11418):
+the same class is a Swin block, a ViT block and (with ``dim_in``/``q_stride``) a Hiera block;
 pre-norm ``x = res_scale(x) + layer_scale(drop_path(mixer(norm1(x))))`` (same for the MLP), or
 post-norm ``x = norm1(x + layer_scale(drop_path(mixer(x))))`` (original Transformer).
 Tokens are channels-last, ``(B, H, W, C)`` or ``(B, N, C)``.
@@ -12,6 +13,8 @@ from typing import Optional
 
 import torch
 from torch import nn
+
+from .layout import pool_hw
 
 __all__ = ["Block", "DropPath", "Scale"]
 
@@ -55,9 +58,13 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, token_mixer: nn.Module, mlp: nn.Module, norm1: nn.Module, norm2: nn.Module,
                  residual_norm_style: str = "pre", layer_scale: Optional[float] = None, res_scale: bool = False,
-                 drop_path: float = 0.0):
+                 drop_path: float = 0.0, dim_in: Optional[int] = None, q_stride: Optional[tuple[int, int]] = None):
         super().__init__()
         self.pre_norm = residual_norm_style == "pre"
+        # Hiera's stage-transition block (timm hiera.HieraBlock): the residual is the projection
+        # of the normed input (when the width changes), max-pooled like the mixer's queries.
+        self.q_stride = tuple(q_stride) if q_stride else None
+        self.proj = nn.Linear(dim_in, dim) if dim_in is not None and dim_in != dim else None
         self.norm1, self.token_mixer = norm1, token_mixer
         self.drop_path1 = DropPath(drop_path)
         self.layer_scale1 = Scale(dim, layer_scale) if layer_scale is not None else nn.Identity()
@@ -68,6 +75,13 @@ class Block(nn.Module):
         self.res_scale2 = Scale(dim) if res_scale else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.q_stride is not None or self.proj is not None:
+            x_norm = self.norm1(x)
+            shortcut = x if self.proj is None else self.proj(x_norm)
+            if self.q_stride is not None:
+                shortcut = pool_hw(shortcut, self.q_stride)
+            x = self.res_scale1(shortcut) + self.layer_scale1(self.drop_path1(self.token_mixer(x_norm)))
+            return self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.mlp(self.norm2(x))))
         if self.pre_norm:
             x = self.res_scale1(x) + self.layer_scale1(self.drop_path1(self.token_mixer(self.norm1(x))))
             x = self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.mlp(self.norm2(x))))

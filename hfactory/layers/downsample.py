@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["ConvDownsample", "Identity"]
+__all__ = ["ConvDownsample", "Identity", "Fused"]
 
 
 def build_norm(resolved: Optional[dict]) -> nn.Module:
@@ -51,3 +51,12 @@ class Identity(nn.Identity):
 
     def __init__(self, in_chs: int | None = None, out_chs: int | None = None):
         super().__init__()
+
+
+class Fused(nn.Identity):
+    """Placeholder of a downsampler fused into the stage's first block (Hiera's q-pooling: the
+    block pools its queries and residual by ``q_stride``); it has no weights of its own."""
+
+    def __init__(self, q_stride: list[int], lag_mixer: bool = True):
+        super().__init__()
+        self.q_stride = tuple(q_stride)

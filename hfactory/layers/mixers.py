@@ -10,8 +10,9 @@ from torch import nn
 
 from .attention import attention
 from .feedforward import make_activation
+from .layout import pool_hw
 
-__all__ = ["Attention", "Pooling", "SepConv", "Identity", "apply_rotary"]
+__all__ = ["Attention", "MaskUnitAttention", "Pooling", "SepConv", "Identity", "apply_rotary"]
 
 
 def apply_rotary(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
@@ -33,31 +34,52 @@ class Attention(nn.Module):
     """Global multi-head self-attention over all tokens (ViT, arXiv 2010.11929; timm
     ``vision_transformer.Attention`` parameter names ``qkv`` and ``proj``).
 
-    Input ``(B, H, W, C)`` or ``(B, N, C)``; the output has the input's shape. Tokens are
-    flattened, so order does not matter (attention is permutation-equivariant). The kernel is
-    chosen by :func:`hfactory.layers.attention.attention` from ``self.backend``.
+    Tokens in any layout: ``(B, N, C)``, grid ``(B, H, W, C)`` or units ``(B, U, uh, uw, C)``;
+    attention is permutation-equivariant, so all tokens are flattened. With ``q_stride`` (the
+    first block of a Hiera q-pooling stage) the projected queries are max-pooled over the
+    ``(h, w)`` axes, so the output has the pooled spatial shape and ``dim`` channels while the
+    input has ``dim_in`` (timm ``hiera.MaskUnitAttention`` with ``use_mask_unit_attn=False``).
+    The kernel is chosen by :func:`hfactory.layers.attention.attention` from ``self.backend``.
     """
 
+    per_unit = False
+
     def __init__(self, dim: int, num_heads: int, dim_head: int, qkv_bias: bool = True, proj_bias: bool = True,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0, rotary: bool = False, backend: str = "auto"):
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, rotary: bool = False, dim_in: int | None = None,
+                 q_stride: list[int] | None = None, backend: str = "auto"):
         super().__init__()
         self.num_heads, self.dim_head, self.attn_drop, self.backend = num_heads, dim_head, attn_drop, backend
         self.rotary = rotary
+        self.q_stride = tuple(q_stride) if q_stride else None
         inner = num_heads * dim_head
-        self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
+        self.qkv = nn.Linear(dim_in or dim, 3 * inner, bias=qkv_bias)
         self.proj = nn.Linear(inner, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
 
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        """``(B, ..., inner)`` -> ``(B', heads, T, dim_head)``; ``B' = B*U`` per unit, else ``B``."""
+        b = t.shape[0] * t.shape[1] if self.per_unit else t.shape[0]
+        return t.reshape(b, -1, self.num_heads, self.dim_head).transpose(1, 2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(shape[0], -1, shape[-1])
-        b, n, _ = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.dim_head).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # same split as timm's reshape(..., 3, heads, dim_head)
+        if self.q_stride is not None:
+            q = pool_hw(q, self.q_stride)
+        out_shape = q.shape[:-1]
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)
         if self.rotary:
             q, k = apply_rotary(q), apply_rotary(k)
-        x = attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
-        x = self.proj(x.transpose(1, 2).reshape(b, n, -1))
-        return self.proj_drop(x).reshape(shape)
+        o = attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
+        o = o.transpose(1, 2).reshape(*out_shape, -1)
+        return self.proj_drop(self.proj(o))
+
+
+class MaskUnitAttention(Attention):
+    """Hiera's mask-unit attention (arXiv 2306.00989; timm ``hiera.MaskUnitAttention``): attention
+    inside each mask unit of the units layout ``(B, U, uh, uw, C)``, each unit a batch entry;
+    with ``q_stride`` the queries are max-pooled inside the unit."""
+
+    per_unit = True
 
 
 class Pooling(nn.Module):

@@ -14,7 +14,7 @@ set works on the ``grid`` layout, ``(B, H, W, C)`` channels-last.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Literal, Optional
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 from pydantic import Field, GetCoreSchemaHandler, GetJsonSchemaHandler
 from pydantic_core import PydanticCustomError, core_schema
@@ -35,7 +35,11 @@ class StageContext:
     """What the plan knows about a stage when a component resolves itself (pure numbers).
 
     ``grid`` is the token grid ``(H, W)`` the component sees, ``dim`` the channel width,
-    ``loc`` the dotted spec path of the component (for errors).
+    ``loc`` the dotted spec path of the component (for errors). ``unit_size`` is the mask-unit
+    size in tokens (``units`` layout). For the first block of a stage whose downsampler is fused
+    into it (Hiera's q-pooling), ``dim_in`` is the previous width, ``q_stride`` the query pooling
+    stride and ``grid``/``unit_size`` are those before pooling. ``block_index`` counts blocks
+    within the stage (Swin alternates shifted windows with it).
     """
 
     loc: str
@@ -44,6 +48,10 @@ class StageContext:
     layout: str = "grid"
     num_heads: Optional[int] = None
     dim_head: Optional[int] = None
+    unit_size: Optional[tuple[int, int]] = None
+    dim_in: Optional[int] = None
+    q_stride: Optional[tuple[int, int]] = None
+    block_index: int = 0
 
 
 class ComponentParams(StrictModel):
@@ -134,23 +142,35 @@ class NormParams(ComponentParams):
 
 
 class TokenMixerParams(ComponentParams):
-    """Token mixer of a block: maps ``(B, H, W, C)`` to the same shape."""
+    """Token mixer of a block: maps tokens ``(B, ..., h, w, C)`` to the same shape.
+
+    Mixers with ``supports_q_stride`` can also be the first block of a q-pooling stage (Hiera):
+    they then map ``C = dim_in`` channels to ``dim`` and pool their queries by ``q_stride``.
+    """
 
     slot: ClassVar[str] = "token_mixer"
     uses_heads: ClassVar[bool] = False
+    supports_q_stride: ClassVar[bool] = False
 
     def resolve(self, ctx: StageContext) -> dict:
         out = {"kind": self.kind, "dim": ctx.dim, **self.options()}
         if self.uses_heads:
             out.update(num_heads=ctx.num_heads, dim_head=ctx.dim_head)
+        if self.supports_q_stride:
+            out.update(dim_in=ctx.dim_in or ctx.dim, q_stride=list(ctx.q_stride) if ctx.q_stride else None)
         return out
 
 
 class DownsampleParams(ComponentParams):
-    """Start of a stage: maps ``in_chs`` channels on ``in_grid`` to ``out_chs`` on a coarser grid."""
+    """Start of a stage: maps ``in_chs`` channels on ``in_grid`` to ``out_chs`` on a coarser grid.
+
+    ``fused`` downsamplers build no module of their own: the stage's first block does the work
+    (Hiera's q-pooling block); ``q_stride`` then gives the pooling stride.
+    """
 
     slot: ClassVar[str] = "downsample"
     produces: ClassVar[str] = "grid"
+    fused: ClassVar[bool] = False
 
     def out_grid(self, in_grid: tuple[int, int], loc: str) -> tuple[int, int]:
         raise NotImplementedError
@@ -238,13 +258,27 @@ class AttentionParams(TokenMixerParams):
     rotary: bool = Field(False, description="rotary position embedding on q and k over the flattened "
                          "token index (RoFormer, arXiv 2104.09864; xformers' use_rotary_embeddings)")
     uses_heads: ClassVar[bool] = True
+    supports_q_stride: ClassVar[bool] = True
     accepts: ClassVar[frozenset] = frozenset({"grid", "units", "seq"})
 
     def resolve(self, ctx: StageContext) -> dict:
+        if self.rotary and ctx.q_stride:
+            raise PlanError(f"{ctx.loc}.rotary", "rotary embeddings index tokens in order, which q-pooling "
+                            "does not keep; use rotary: false in q-pooling stages")
         if self.rotary and ctx.dim_head % 2:
             raise PlanError(f"{ctx.loc}.rotary", f"rotary embeddings need an even dim_head, got {ctx.dim_head}; "
                             "change num_heads or dim_head")
         return super().resolve(ctx)
+
+
+class MaskUnitAttentionParams(AttentionParams):
+    """Hiera's mask-unit attention (arXiv 2306.00989; timm ``hiera.MaskUnitAttention``):
+    multi-head self-attention inside each mask unit of the ``units`` layout
+    ``(B, U, uh, uw, C)``; with ``q_stride`` (a q-pooling stage's first block) the queries are
+    max-pooled inside the unit while keys and values keep every token."""
+
+    kind: Literal["mask_unit_attention"] = "mask_unit_attention"
+    accepts: ClassVar[frozenset] = frozenset({"units"})
 
 
 class PoolingParams(TokenMixerParams):
@@ -332,6 +366,34 @@ class ConvDownsampleParams(DownsampleParams):
                 "pre_norm": self.pre_norm}
 
 
+class QPoolParams(DownsampleParams):
+    """Hiera's q-pooling stage transition (arXiv 2306.00989; timm ``hiera.HieraBlock``): fused into
+    the stage's first block, which max-pools its queries and its residual by ``q_stride``
+    (inside mask units in the ``units`` layout) and projects the normed input to the new width
+    as the residual. With ``lag_mixer`` that block still uses the previous stage's token mixer
+    ("mask unit attention lags by one block", so global attention starts after pooling)."""
+
+    kind: Literal["q_pool"] = "q_pool"
+    q_stride: Union[int, tuple[int, int]] = 2
+    lag_mixer: bool = True
+    fused: ClassVar[bool] = True
+    accepts: ClassVar[frozenset] = frozenset({"grid", "units"})
+
+    @property
+    def stride_hw(self) -> tuple[int, int]:
+        return (self.q_stride, self.q_stride) if isinstance(self.q_stride, int) else tuple(self.q_stride)
+
+    def out_grid(self, in_grid, loc):
+        for axis, n, s in zip(("height", "width"), in_grid, self.stride_hw):
+            if s < 1 or n % s:
+                raise PlanError(f"{loc}.q_stride", f"q_stride {s} does not divide the token {axis} {n}; use a "
+                                f"divisor of {n}")
+        return (in_grid[0] // self.stride_hw[0], in_grid[1] // self.stride_hw[1])
+
+    def resolve(self, in_chs, out_chs, in_grid, loc):
+        return {"kind": self.kind, "q_stride": list(self.stride_hw), "lag_mixer": self.lag_mixer}
+
+
 class NoDownsampleParams(DownsampleParams):
     """No downsampling: the stage keeps the previous grid and width."""
 
@@ -395,10 +457,12 @@ _BUILTINS = [
     ("norm", GroupNormParams, "hfactory.layers.norm:GroupNorm"),
     ("norm", IdentityNormParams, "hfactory.layers.norm:Identity"),
     ("token_mixer", AttentionParams, "hfactory.layers.mixers:Attention"),
+    ("token_mixer", MaskUnitAttentionParams, "hfactory.layers.mixers:MaskUnitAttention"),
     ("token_mixer", PoolingParams, "hfactory.layers.mixers:Pooling"),
     ("token_mixer", SepConvParams, "hfactory.layers.mixers:SepConv"),
     ("token_mixer", IdentityMixerParams, "hfactory.layers.mixers:Identity"),
     ("downsample", ConvDownsampleParams, "hfactory.layers.downsample:ConvDownsample"),
+    ("downsample", QPoolParams, "hfactory.layers.downsample:Fused"),
     ("downsample", NoDownsampleParams, "hfactory.layers.downsample:Identity"),
     ("feedforward", MlpParams, "hfactory.layers.feedforward:Mlp"),
     ("pos_embed", LearnedPosEmbedParams, "hfactory.layers.posembed:LearnedPosEmbed"),

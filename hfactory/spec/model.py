@@ -116,6 +116,16 @@ class EncoderSpec(StrictModel):
     head_norm_first: bool = Field(False, description="true: norm the final map before pooling "
                                   "(Swin, ViT); false: norm the pooled vector (MetaFormer, Hiera)")
     attn_backend: Literal["auto", "xformers", "sdpa", "math"] = "auto"
+    mask_unit_size: Optional[Union[int, tuple[int, int]]] = Field(
+        None, description="Hiera's mask unit in tokens of stage 0's output grid (e.g. 8 = 32x32 pixels at "
+        "patch stride 4); tokens then flow in the units layout (B, U, uh, uw, C)")
+
+    @field_validator("mask_unit_size")
+    @classmethod
+    def _mask_unit_positive(cls, v):
+        if v is not None and any(s < 1 for s in ((v, v) if isinstance(v, int) else v)):
+            raise PydanticCustomError("mask_unit_size", "mask_unit_size must be positive: an int or [uh, uw]")
+        return v
 
     @field_validator("img_size")
     @classmethod
@@ -124,6 +134,12 @@ class EncoderSpec(StrictModel):
         if any(s < 1 for s in sizes):
             raise PydanticCustomError("img_size", "img_size must be positive: an int or [height, width]")
         return v
+
+    @property
+    def mask_unit_hw(self) -> Optional[tuple[int, int]]:
+        """``mask_unit_size`` as ``(uh, uw)`` tokens, or None."""
+        v = self.mask_unit_size
+        return None if v is None else ((v, v) if isinstance(v, int) else tuple(v))
 
     @property
     def img_hw(self) -> tuple[int, int]:

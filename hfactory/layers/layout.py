@@ -1,0 +1,43 @@
+"""Token layouts and the one place that converts between them (DESIGN.md, token-layout contract).
+
+- grid ``(B, H, W, C)``: channels-last 2-D tokens.
+- units ``(B, U, uh, uw, C)``: the grid cut into ``U`` mask units of ``uh x uw`` tokens, row-major
+  over units (Hiera, arXiv 2306.00989). Per-unit operations (mask-unit attention, q-pooling) act
+  on the last three axes; sparse MAE keeps a subset of ``U``.
+
+Both share the trailing ``(h, w, C)`` axes, so :func:`pool_hw` serves both.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["grid_to_units", "units_to_grid", "pool_hw"]
+
+
+def grid_to_units(x: torch.Tensor, unit: tuple[int, int]) -> torch.Tensor:
+    """``(B, H, W, C) -> (B, (H/uh)*(W/uw), uh, uw, C)``; units row-major (the plan checked divisibility)."""
+    b, h, w, c = x.shape
+    uh, uw = unit
+    x = x.reshape(b, h // uh, uh, w // uw, uw, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, -1, uh, uw, c)
+
+
+def units_to_grid(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`grid_to_units`: ``(B, U, uh, uw, C) -> (B, H, W, C)`` for ``grid = (H, W)``."""
+    b, _, uh, uw, c = x.shape
+    h, w = grid
+    x = x.reshape(b, h // uh, w // uw, uh, uw, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h, w, c)
+
+
+def pool_hw(x: torch.Tensor, stride: tuple[int, int]) -> torch.Tensor:
+    """Max-pool the ``(h, w)`` axes (the 3rd and 2nd from last) by ``stride``, inside units in the
+    units layout: ``(..., h, w, C) -> (..., h/sh, w/sw, C)``. Hiera's ``do_pool`` (max over the
+    q-stride positions), which in the unrolled order is this 2x2 max within a mask unit."""
+    sh, sw = stride
+    if sh == sw == 1:
+        return x
+    *lead, h, w, c = x.shape
+    x = x.reshape(*lead, h // sh, sh, w // sw, sw, c)
+    return x.amax(dim=(-4, -2))
