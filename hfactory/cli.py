@@ -1,13 +1,22 @@
-"""The ``hfactory`` command line: summary | schema | train | eval.
+"""The ``hfactory`` command line: summary | presets | schema | bench | train | eval.
 
-Every command that takes a spec accepts a YAML path (or a preset name once presets exist).
-Errors in the spec print the located message and exit with status 2, never a traceback.
+Every command that takes a spec accepts a YAML path or a preset name (``hfactory presets``
+lists them). Bad input (a spec failing validation, an unknown preset, a missing or corrupt
+dataset, a checkpoint or run directory of another spec) prints one located message on stderr
+and exits with status 2, never a traceback, and overwrites nothing.
+
+Exit statuses: 0 success; 1 a training run stopped on a non-finite loss; 2 bad input;
+130 interrupted (Ctrl-C).
+
+Under ``torchrun`` (``torchrun --nproc_per_node=N -m hfactory train ...``) only rank 0 prints;
+see :mod:`hfactory.train.distributed`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -15,36 +24,53 @@ from pydantic import ValidationError
 
 from .spec.base import PlanError
 
-__all__ = ["main"]
+
+class QuietAbort(Exception):
+    """Raised in a torchrun process whose job failed in another process (which reports the
+    error): exit with ``status`` without printing the same message once per process."""
+
+    def __init__(self, message: str = "", status: int = 2):
+        super().__init__(message)
+        self.status = status
+
+__all__ = ["main", "build_parser"]
 
 
 def _load(spec_arg: str):
+    """The validated spec of a command-line argument: a YAML/JSON path, else a preset name."""
     from .presets import resolve_spec_arg
 
     return resolve_spec_arg(spec_arg)
 
 
+def _img_size(values: list[int] | None) -> tuple[int, int] | None:
+    if values is None:
+        return None
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise ValueError(f"--img-size {' '.join(map(str, values))}: give one size or H W, each >= 1")
+    return (values[0], values[-1])
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
-    """Print the plan (one row per stage) and parameter counts, built on the meta device."""
-    from .plan import resolve
+    """Print the per-stage table (or ``--json``): grids, tokens, widths, heads, depth, mixer,
+    downsampler, parameters, GMACs and activation memory, measured on the meta device."""
+    from .summary import format_summary, summarize
 
-    spec = _load(args.spec)
-    plan = resolve(spec)
-    import torch
+    summary = summarize(_load(args.spec), batch=args.batch)
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
 
-    from .encoder import HierarchicalEncoder
 
-    with torch.device("meta"):
-        model = HierarchicalEncoder(spec, plan)
-    per_stage = [sum(p.numel() for p in stage.parameters()) for stage in model.stages]
-    total = sum(p.numel() for p in model.parameters())
-    if args.json:
-        print(json.dumps({"plan": plan.model_dump(mode="json"), "params_per_stage": per_stage,
-                          "params": total}, indent=2))
-        return 0
-    print(plan)
-    print("params per stage: " + ", ".join(f"{n / 1e6:.3f}M" for n in per_stage))
-    print(f"params total: {total:,} ({total / 1e6:.2f}M)")
+def cmd_presets(args: argparse.Namespace) -> int:
+    """Print the preset names (one per line) matching ``--pattern``."""
+    from .presets import list_models
+
+    names = list_models(args.pattern)
+    if not names:
+        where = f" matching {args.pattern!r}" if args.pattern else ""
+        print(f"hfactory presets: no presets{where}", file=sys.stderr)
+        return 1 if args.pattern else 0
+    print("\n".join(names))
     return 0
 
 
@@ -61,18 +87,72 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Paired, interleaved timing against ``--vs timm:<name>`` (see :mod:`hfactory.bench`)."""
+    spec = _load(args.spec)
+    img_size = _img_size(args.img_size)
+    if args.rounds < 5:
+        raise ValueError(f"--rounds {args.rounds}: use at least 5 (the median of fewer is not robust)")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads {args.threads}: must be >= 1")
+    if args.vs is not None and (not args.vs.startswith("timm:") or len(args.vs) <= 5):
+        raise ValueError(f"--vs {args.vs!r}: expected timm:<model name>, e.g. timm:poolformer_s12")
+    import torch
+
+    from .bench import bench, format_bench
+
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    result = bench(spec, vs=args.vs, batch=args.batch, img_size=img_size, train=args.train, rounds=args.rounds,
+                   warmup=args.warmup, device=args.device or "cpu")
+    print(json.dumps(result, indent=2) if args.json else format_bench(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hfactory", description="Declarative hierarchical vision transformers.")
+    parser = argparse.ArgumentParser(
+        prog="hfactory", description="Declarative hierarchical vision transformers. SPEC is a YAML path or a "
+        "preset name (see `hfactory presets`).")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("summary", help="print the resolved plan and parameter counts of a spec")
+    p = sub.add_parser(
+        "summary", help="per-stage table: grids, widths, params, GMACs, activation memory",
+        description="Build the spec on the meta device (nothing is allocated) and print one row per stage: "
+        "input/output grid, tokens, width, heads, depth, mixer, downsampler, parameters, GMACs per image "
+        "(FlopCounterMode FLOPs/2 with math attention: conv and matmuls, as timm reports) and the activation "
+        "memory of a training forward of --batch images (bytes of the distinct tensors autograd saves for "
+        "backward, parameters excluded; fused attention). Then the head and the totals.")
     p.add_argument("spec", help="spec YAML path or preset name")
+    p.add_argument("--batch", type=int, default=1, help="images for the activation-memory estimate (default: 1)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("presets", help="list the preset names, one per line")
+    p.add_argument("--pattern", help="shell wildcard filter, e.g. 'caformer*'")
+    p.set_defaults(func=cmd_presets)
 
     p = sub.add_parser("schema", help="print (or --out FILE write) the spec JSON Schema")
     p.add_argument("--out", help="file to write")
     p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser(
+        "bench", help="paired timing of a spec against a timm model",
+        description="Time the spec's model (random weights, fp32) and, with --vs, a reference model in one "
+        "process, interleaved: warm-up, then --rounds rounds each timing one call of each model, alternating "
+        "which goes first. Prints images/s (median) of both and the speed ratio hfactory/reference (the "
+        "median over rounds of reference time / hfactory time; > 1 means hfactory is faster). --train times "
+        "forward + cross-entropy + backward steps instead of inference.")
+    p.add_argument("spec", help="spec YAML path or preset name")
+    p.add_argument("--vs", metavar="timm:NAME", help="reference: timm.create_model(NAME, pretrained=False, "
+                   "num_classes=<the spec's>)")
+    p.add_argument("--batch", type=int, default=8, help="images per call (default: 8)")
+    p.add_argument("--img-size", type=int, nargs="+", metavar="N", help="input size: N or H W (default: the spec's)")
+    p.add_argument("--train", action="store_true", help="time training steps (forward + backward)")
+    p.add_argument("--rounds", type=int, default=7, help="timed rounds, >= 5 (default: 7)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls of each model first (default: 2)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: all cores available)")
+    p.add_argument("--device", help="torch device (default: cpu)")
+    p.add_argument("--json", action="store_true", help="machine-readable output (includes every round's time)")
+    p.set_defaults(func=cmd_bench)
 
     try:
         from .train import cli as train_cli
@@ -83,12 +163,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _message(err: Exception) -> str:
+    """One readable message: pydantic errors as ``location: message`` lines."""
+    if isinstance(err, ValidationError):
+        lines = [f"{'.'.join(str(p) for p in e['loc']) or '<spec>'}: {e['msg']}" for e in err.errors()]
+        return f"{len(lines)} error(s) in the spec:\n  " + "\n  ".join(lines)
+    return str(err)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit status (see the module docstring)."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValidationError, PlanError, ValueError, FileNotFoundError) as err:
-        print(f"hfactory {args.command}: error: {err}", file=sys.stderr)
+    except QuietAbort as err:  # another process of a torchrun job failed and rank 0 printed why
+        return err.status
+    except (ValidationError, PlanError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as err:
+        print(f"hfactory {args.command}: error: {_message(err)}", file=sys.stderr)
         return 2
 
 

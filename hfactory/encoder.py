@@ -364,21 +364,17 @@ def from_pretrained(directory: Union[str, os.PathLike], map_location: str = "cpu
 
 
 def load_checked(model: nn.Module, state: dict, source: str = "state dict") -> None:
-    """``load_state_dict(strict=True)`` that first lists every key and shape mismatch.
+    """``load_state_dict(strict=True)`` that first resizes resolution-dependent tensors (position
+    embeddings, relative-position tables) and lists every key and shape mismatch.
 
     Raises:
         ValueError: naming up to 10 missing, unexpected and shape-mismatched keys each.
     """
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k}: {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items()
-              if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
-            if items:
-                more = f" (+{len(items) - 10} more)" if len(items) > 10 else ""
-                parts.append(f"{title}: {', '.join(items[:10])}{more}")
-        raise ValueError(f"{source} does not fit this model's spec; " + "; ".join(parts))
+    from .convert.core import mismatch_report
+    from .convert.resize import resize_to_model
+
+    state = resize_to_model(state, model.state_dict())
+    report = mismatch_report(model.state_dict(), state)
+    if report:
+        raise ValueError(f"{source} does not fit this model's spec; {report}")
     model.load_state_dict(state, strict=True)
