@@ -33,7 +33,7 @@ class Stage(nn.Module):
             Block(plan.out_chs, build_component("token_mixer", b.token_mixer),
                   build_component("feedforward", plan.feedforward), build_component("norm", b.norm1),
                   build_component("norm", plan.norm), plan.residual_norm_style, plan.layer_scale,
-                  plan.res_scale, rate, dim_in=b.dim_in, q_stride=b.q_stride)
+                  plan.res_scale, rate, dim_in=b.dim_in, q_stride=b.q_stride, expand=b.expand)
             for b, rate in zip(plan.blocks, plan.drop_path)
         ])
         self.grad_checkpointing = False

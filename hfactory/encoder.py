@@ -25,6 +25,7 @@ from torch import nn
 
 from .atomic import atomic_path
 from .build import build_component, build_stages
+from .layers.head import ClassifierHead, make_classifier
 from .layers.layout import units_to_grid
 from .plan import Plan, resolve
 from .spec.io import SpecSource, dump_spec, load_spec
@@ -69,19 +70,6 @@ def feature_take_indices(num_features: int, indices: Optional[Union[int, list[in
     return take, max(take)
 
 
-class ClassifierHead(nn.Module):
-    """Pool ``(B, C, H, W)`` over H and W (``avg`` or ``max``), dropout, linear ``fc``."""
-
-    def __init__(self, num_features: int, num_classes: int, global_pool: str, drop_rate: float):
-        super().__init__()
-        self.global_pool = global_pool
-        self.drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def pool(self, x: torch.Tensor) -> torch.Tensor:
-        return x.amax(dim=(2, 3)) if self.global_pool == "max" else x.mean(dim=(2, 3))
-
-
 class HierarchicalEncoder(nn.Module):
     """An encoder built from an :class:`EncoderSpec` (see :func:`build_encoder`).
 
@@ -104,7 +92,7 @@ class HierarchicalEncoder(nn.Module):
         self.stages = build_stages(self.plan)
         self.norm = build_component("norm", self.plan.head_norm)
         self.head = ClassifierHead(self.plan.num_features, self.plan.num_classes, self.plan.global_pool,
-                                   self.plan.drop_rate)
+                                   self.plan.drop_rate, self.plan.head)
         self.apply(_init_weights)
         self.set_attn_backend(self.plan.attn_backend)
 
@@ -138,7 +126,9 @@ class HierarchicalEncoder(nn.Module):
         if x.ndim != 4 or x.shape[1] != self.spec.in_chans:
             raise ValueError(f"expected images (B, {self.spec.in_chans}, H, W), got {tuple(x.shape)}")
         hw = tuple(x.shape[2:])
-        if hw != self.plan.img_size:
+        # The plan check is Python (pydantic) that torch.compile cannot trace; compiled graphs
+        # are specialised per input size anyway, and eager calls still check.
+        if hw != self.plan.img_size and not torch.compiler.is_compiling():
             resolve(self.spec, hw)  # raises PlanError naming what does not fit this size
 
     def _final_norm_map(self, x: torch.Tensor) -> torch.Tensor:
@@ -250,8 +240,8 @@ class HierarchicalEncoder(nn.Module):
             update["global_pool"] = global_pool
         self._set_spec(update)
         self.head.global_pool = self.spec.global_pool
-        fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        _init_weights(fc)
+        fc = make_classifier(self.num_features, num_classes, self.plan.head, self.plan.drop_rate)
+        fc.apply(_init_weights)
         ref = next(self.parameters(), None)
         self.head.fc = fc.to(ref.device, ref.dtype) if ref is not None else fc
 

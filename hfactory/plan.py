@@ -48,8 +48,9 @@ _DOWNSAMPLE = {"kind": "conv", "patch_size": 3, "stride": 2, "padding": 1}
 
 class BlockPlan(BaseModel):
     """What one block needs beyond its stage's entries: its input width and first norm (they
-    differ from the stage's in a fused q-pooling block), its query-pooling stride and its
-    resolved token mixer (Swin alternates shifts, Hiera's first block lags the mixer)."""
+    differ from the stage's in a fused q-pooling block), its query-pooling stride, its
+    resolved token mixer (Swin alternates shifts, Hiera's first block lags the mixer) and how
+    a width-changing block widens its residual (``expand``: ``proj`` or ``max_avg``)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -57,6 +58,7 @@ class BlockPlan(BaseModel):
     q_stride: Optional[tuple[int, int]]
     norm1: dict
     token_mixer: dict
+    expand: str = "proj"
 
 
 class StagePlan(BaseModel):
@@ -107,6 +109,7 @@ class Plan(BaseModel):
     drop_rate: float
     head_norm: dict
     head_norm_first: bool
+    head: dict
     attn_backend: str
     mask_unit_size: Optional[tuple[int, int]] = None
     num_features: int
@@ -130,7 +133,7 @@ class Plan(BaseModel):
             rows.append([
                 str(s.index), f"{s.in_grid[0]}x{s.in_grid[1]} -> {s.out_grid[0]}x{s.out_grid[1]}",
                 str(s.seq_len), f"{s.in_chs}->{s.out_chs}", "-" if s.num_heads is None else str(s.num_heads),
-                str(s.depth), _describe(s.downsample), _describe(s.token_mixer), _describe(s.feedforward),
+                str(s.depth), _describe(s.downsample), _describe_mixer(s), _describe(s.feedforward),
                 f"{s.drop_path[0]:.3f}-{s.drop_path[-1]:.3f}",
             ])
         widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
@@ -143,6 +146,17 @@ def _describe(component: dict) -> str:
     if kind == "conv":
         return f"conv{component['patch_size']}/s{component['stride']}/p{component['padding']}"
     return kind
+
+
+def _describe_mixer(s: StagePlan) -> str:
+    """Mixer kind plus, for windowed attention, the window, the shifts of its blocks and padding."""
+    m = s.token_mixer
+    if "window_size" not in m:
+        return _describe(m)
+    shifts = "/".join(dict.fromkeys(str(b.token_mixer["shift_size"][0]) for b in s.blocks))
+    pad = m.get("padded_grid")
+    pad = "" if pad is None or list(pad) == list(s.out_grid) else f" pad {pad[0]}x{pad[1]}"
+    return f"{m['kind']} {m['window_size'][0]}x{m['window_size'][1]} shift {shifts}{pad}"
 
 
 def _pick(stage: StageSpec, defaults: StageDefaults, name: str):
@@ -232,7 +246,10 @@ def _resolve(spec: EncoderSpec, img_size: tuple[int, int]) -> Plan:
         if unit is not None:
             unit = _shrink_unit(unit, grid, out_grid, f"{loc}.downsample")
         pos = _pick(stage, spec.defaults, "pos_embed")
-        _check_layout(pos, ds.produces if layout == "grid" else layout, f"{loc}.pos_embed")
+        # The position embedding is added right after the downsampler, before stage 0's
+        # conversion to mask units, so it sees the layout the downsampler produces.
+        pos_layout = ds.produces if layout == "grid" else layout
+        _check_layout(pos, pos_layout, f"{loc}.pos_embed")
         if i == 0:
             layout = ds.produces
             if spec.mask_unit_size is not None:
@@ -269,7 +286,7 @@ def _resolve(spec: EncoderSpec, img_size: tuple[int, int]) -> Plan:
             res_scale=_pick(stage, spec.defaults, "res_scale"),
             drop_path=tuple(rates[block:block + depth]),
             downsample=ds_resolved,
-            pos_embed=pos.resolve(StageContext(f"{loc}.pos_embed", dim, out_grid, layout)),
+            pos_embed=pos.resolve(StageContext(f"{loc}.pos_embed", dim, out_grid, pos_layout, unit_size=unit)),
             token_mixer=mixer.resolve(ctx),
             feedforward=ffn.resolve(dim, f"{loc}.feedforward"),
             norm=norm_resolved,
@@ -282,8 +299,21 @@ def _resolve(spec: EncoderSpec, img_size: tuple[int, int]) -> Plan:
         name=spec.name, img_size=tuple(img_size), in_chans=spec.in_chans, num_classes=spec.num_classes,
         global_pool=spec.global_pool, drop_rate=spec.drop_rate,
         head_norm=spec.head_norm.resolve(chs, "head_norm"), head_norm_first=spec.head_norm_first,
+        head=_resolve_head(spec, chs),
         attn_backend=spec.attn_backend, mask_unit_size=spec.mask_unit_hw, num_features=chs, stages=tuple(stages),
     )
+
+
+def _resolve_head(spec: EncoderSpec, dim: int) -> dict:
+    head = spec.head
+    if head.kind == "linear":
+        return {"kind": "linear", "bias": head.bias}
+    hidden = int(head.hidden_layer_multiplier * dim)
+    if hidden < 1:
+        raise PlanError("head.hidden_layer_multiplier", f"{head.hidden_layer_multiplier} x width {dim} rounds to "
+                        "0 hidden units; use a larger multiplier")
+    return {"kind": "mlp", "hidden_features": hidden, "activation": head.activation, "bias": head.bias,
+            "norm": head.norm.resolve(hidden, "head.norm")}
 
 
 def _first_unit(unit: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int]:
@@ -322,4 +352,5 @@ def _fused_first_block(ds, mixer, prev_mixer, stage, spec, loc, dim, dim_in, gri
     ctx = StageContext(loc=where, dim=dim, grid=grid, layout=layout, num_heads=num_heads, dim_head=dim_head,
                        unit_size=in_unit, dim_in=dim_in, q_stride=q_stride)
     norm1 = _pick(stage, spec.defaults, "norm").resolve(dim_in, f"{loc}.norm")
-    return BlockPlan(dim_in=dim_in, q_stride=q_stride, norm1=norm1, token_mixer=use.resolve(ctx))
+    return BlockPlan(dim_in=dim_in, q_stride=q_stride, norm1=norm1, token_mixer=use.resolve(ctx),
+                     expand=getattr(ds, "expand", "proj"))

@@ -19,8 +19,11 @@ Definitions (the same for every model, so hfactory and timm models can be compar
   Parameters and buffers (and views of them) are excluded; a storage saved by several ops, or
   through several views, counts once; the input images count when the first layer saves them.
   Attention with the ``auto``/``sdpa``/``xformers`` backends is counted as a fused kernel
-  (it saves q, k, v, the output and the per-row log-sum-exp, O(N) memory, as PyTorch's flash
-  kernel does); with the ``math`` backend the (B, H, N, N) probabilities are saved too. Not
+  (it saves q, k, v, the output, the per-row log-sum-exp and any bias: O(N) memory besides the
+  bias, as PyTorch's flash and memory-efficient kernels do); with the ``math`` backend the
+  (B, H, N, N) probabilities are saved too. (On the CPU, PyTorch runs SDPA with a bias that
+  requires grad, e.g. Swin's relative-position bias, on its math path; the estimate is the
+  fused kernels' memory, as on CUDA.) Not
   counted: weights, gradients, optimizer states, temporaries freed during the forward,
   allocator overhead, and autocast copies.
 
@@ -131,20 +134,26 @@ class _FusedAttentionOnMeta(TorchFunctionMode):
     """Make ``F.scaled_dot_product_attention`` save for backward what a fused kernel saves.
 
     On meta tensors SDPA decomposes to its math path, whose autograd graph keeps the
-    ``(B, H, M, N)`` probabilities; the CPU flash kernel's op (which has meta support) keeps
-    q, k, v, the output and the ``(B, H, M)`` log-sum-exp instead, like the kernels that run.
+    ``(B, H, M, N)`` probabilities. The fused kernels' ops (which have meta support) keep q, k,
+    v, the output, the ``(B, H, M)`` log-sum-exp and the bias instead, like the kernels that
+    run: the CPU flash kernel's op, or, for a bias that requires grad (a relative-position
+    table), the memory-efficient kernel's op (the CUDA kernel that trains such biases; xformers'
+    cutlass kernel saves the same).
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            q, k, v = args[:3]
-            mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
-            out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q, k, v, dropout_p=kwargs.get("dropout_p", 0.0), is_causal=kwargs.get("is_causal", False),
-                attn_mask=mask, scale=kwargs.get("scale"))
-            return out[0]
-        return func(*args, **kwargs)
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        q, k, v = args[:3]
+        mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+        dropout_p, is_causal = kwargs.get("dropout_p", 0.0), kwargs.get("is_causal", False)
+        if mask is not None and mask.requires_grad:
+            mask = mask.expand(*q.shape[:-2], q.shape[-2], k.shape[-2])
+            return torch.ops.aten._scaled_dot_product_efficient_attention(
+                q, k, v, mask, True, dropout_p, is_causal, scale=kwargs.get("scale"))[0]
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, dropout_p=dropout_p, is_causal=is_causal, attn_mask=mask, scale=kwargs.get("scale"))[0]
 
 
 def saved_activation_bytes(model: nn.Module, images: torch.Tensor, parts: Optional[dict[str, nn.Module]] = None,
@@ -206,7 +215,8 @@ def summarize(spec, batch: int = 1) -> dict:
         ``index, in_grid, out_grid, tokens, in_chs, out_chs, heads, depth, mixer, downsample,
         params, gmacs, activation_bytes``), ``head`` and ``total`` (``params, gmacs,
         activation_bytes``), ``param_bytes``, ``attention`` (how attention memory was counted),
-        ``seconds`` and ``definitions``.
+        ``seconds``, ``definitions`` and ``unmeasured`` (None; or why every ``gmacs`` and
+        ``activation_bytes`` is None: a layer that cannot run on the meta device).
 
     Raises:
         ValueError: ``batch < 1``.
@@ -223,9 +233,15 @@ def summarize(spec, batch: int = 1) -> dict:
         model = HierarchicalEncoder(spec, plan)
     h, w = plan.img_size
     parts = {f"stage{i}": stage for i, stage in enumerate(model.stages)}
-    macs = count_macs(model, torch.empty(1, plan.in_chans, h, w, device="meta"), parts)
     fused = plan.attn_backend != "math"
-    saved = saved_activation_bytes(model, torch.empty(batch, plan.in_chans, h, w, device="meta"), parts, fused)
+    unmeasured = None
+    try:
+        macs = count_macs(model, torch.empty(1, plan.in_chans, h, w, device="meta"), parts)
+        saved = saved_activation_bytes(model, torch.empty(batch, plan.in_chans, h, w, device="meta"), parts, fused)
+    except (RuntimeError, NotImplementedError) as err:  # an op without a meta kernel: report what we have
+        unmeasured = f"the model does not run on the meta device ({type(err).__name__}: {str(err)[:300]})"
+        macs = {label: None for label in [*parts, OTHER, "total"]}
+        saved = dict(macs)
     dtype_bytes = {p.dtype.itemsize for p in model.parameters()} or {4}
 
     stages = []
@@ -235,7 +251,7 @@ def summarize(spec, batch: int = 1) -> dict:
             "index": s.index, "in_grid": list(s.in_grid), "out_grid": list(s.out_grid), "tokens": s.seq_len,
             "in_chs": s.in_chs, "out_chs": s.out_chs, "heads": s.num_heads, "depth": s.depth,
             "mixer": describe_component(s.token_mixer), "downsample": describe_component(s.downsample),
-            "params": sum(p.numel() for p in stage.parameters()), "gmacs": macs[label] / 1e9,
+            "params": sum(p.numel() for p in stage.parameters()), "gmacs": _g(macs[label]),
             "activation_bytes": saved[label],
         })
     total_params = sum(p.numel() for p in model.parameters())
@@ -243,11 +259,12 @@ def summarize(spec, batch: int = 1) -> dict:
     return {
         "name": plan.name, "img_size": list(plan.img_size), "in_chans": plan.in_chans,
         "num_classes": plan.num_classes, "batch": batch, "stages": stages,
-        "head": {"params": head_params, "gmacs": macs[OTHER] / 1e9, "activation_bytes": saved[OTHER]},
-        "total": {"params": total_params, "gmacs": macs["total"] / 1e9, "activation_bytes": saved["total"]},
+        "head": {"params": head_params, "gmacs": _g(macs[OTHER]), "activation_bytes": saved[OTHER]},
+        "total": {"params": total_params, "gmacs": _g(macs["total"]), "activation_bytes": saved["total"]},
         "param_bytes": total_params * max(dtype_bytes),
-        "attention": "fused (q, k, v, out, logsumexp saved)" if fused else "math ((B, H, N, N) probabilities saved)",
+        "attention": "fused (q, k, v, out, logsumexp, bias saved)" if fused else "math ((B, H, N, N) probabilities saved)",
         "seconds": time.perf_counter() - tick,
+        "unmeasured": unmeasured,
         "definitions": {
             "gmacs": "multiply-accumulates per image / 1e9: FlopCounterMode FLOPs / 2 on the meta device with "
                      "math attention; conv, mm, addmm, bmm and attention matmuls only (as timm)",
@@ -257,7 +274,13 @@ def summarize(spec, batch: int = 1) -> dict:
     }
 
 
-def _bytes(n: float) -> str:
+def _g(macs: Optional[int]) -> Optional[float]:
+    return None if macs is None else macs / 1e9
+
+
+def _bytes(n: Optional[float]) -> str:
+    if n is None:
+        return "-"
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:
             return f"{n / size:.2f} {unit}"
@@ -266,6 +289,10 @@ def _bytes(n: float) -> str:
 
 def _params(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
+
+
+def _gm(gmacs: Optional[float]) -> str:
+    return "-" if gmacs is None else f"{gmacs:.3f}"
 
 
 def format_summary(summary: dict) -> str:
@@ -280,13 +307,13 @@ def format_summary(summary: dict) -> str:
     for s in summary["stages"]:
         rows.append([str(s["index"]), f"{s['in_grid'][0]}x{s['in_grid'][1]} -> {s['out_grid'][0]}x{s['out_grid'][1]}",
                      str(s["tokens"]), f"{s['in_chs']}->{s['out_chs']}", "-" if s["heads"] is None else str(s["heads"]),
-                     str(s["depth"]), s["mixer"], s["downsample"], _params(s["params"]), f"{s['gmacs']:.3f}",
+                     str(s["depth"]), s["mixer"], s["downsample"], _params(s["params"]), _gm(s["gmacs"]),
                      _bytes(s["activation_bytes"])])
     head = summary["head"]
-    rows.append(["head", "", "", "", "", "", "", "", _params(head["params"]), f"{head['gmacs']:.3f}",
+    rows.append(["head", "", "", "", "", "", "", "", _params(head["params"]), _gm(head["gmacs"]),
                  _bytes(head["activation_bytes"])])
     rows.append(["total", "", "", "", "", str(sum(s["depth"] for s in summary["stages"])), "", "",
-                 _params(total["params"]), f"{total['gmacs']:.3f}", _bytes(total["activation_bytes"])])
+                 _params(total["params"]), _gm(total["gmacs"]), _bytes(total["activation_bytes"])])
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     right = {"tokens", "params", "GMACs"} | {cols[-1]}
     fmt = "  ".join(f"{{:>{n}}}" if c in right else f"{{:<{n}}}" for c, n in zip(cols, widths))
@@ -296,4 +323,6 @@ def format_summary(summary: dict) -> str:
     lines.append(f"GMACs: per image, conv/matmul only (FlopCounterMode FLOPs / 2, as timm reports); "
                  f"act. mem: tensors saved for backward by a training forward of {summary['batch']} image(s), "
                  f"attention counted as {summary['attention']}")
+    if summary.get("unmeasured"):
+        lines.append(f"GMACs and activation memory not measured: {summary['unmeasured']}")
     return "\n".join(lines)

@@ -217,8 +217,11 @@ def test_position_embedding_is_interpolated_for_other_sizes(small):
     pe = small.stages[0].pos_embed
     x = torch.zeros(1, 24, 16, 16)
     out = pe(x)
-    ref = torch.nn.functional.interpolate(pe.pos_embed.permute(0, 3, 1, 2), size=(24, 16), mode="bicubic",
-                                          align_corners=False).permute(0, 2, 3, 1)
+    from timm.layers import resample_abs_pos_embed  # the reference behaviour (bicubic, antialias)
+
+    flat = pe.pos_embed.reshape(1, 16 * 16, -1)
+    ref = resample_abs_pos_embed(flat, new_size=(24, 16), old_size=(16, 16), num_prefix_tokens=0)
+    ref = ref.reshape(1, 24, 16, -1)
     torch.testing.assert_close(out, ref)
 
 

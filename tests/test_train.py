@@ -239,3 +239,34 @@ def test_config_is_validated(tiny_spec, tmp_path, capsys):
 def test_spec_hash_is_recorded(trained, tiny_spec):
     run = json.loads((trained / "run.json").read_text())
     assert run["spec_hash"] == spec_hash(load_spec(tiny_spec))
+
+
+def test_global_batch_shares_cover_each_batch_once():
+    from hfactory.train.distributed import DistContext, GlobalBatchSampler
+
+    order = torch.randperm(23, generator=torch.Generator().manual_seed(0)).tolist()
+    for world in (1, 2, 3, 5):
+        samplers = [GlobalBatchSampler(order, 7, DistContext(rank, world)) for rank in range(world)]
+        assert len({len(s) for s in samplers}) == 1 and len(samplers[0]) == 4  # same step count everywhere
+        for step, batch in enumerate(samplers[0].global_batches()):
+            shares = [list(s)[step] for s in samplers]
+            assert sorted(sum(shares, [])) == sorted(batch)  # each sample of the global batch exactly once
+            assert shares[0] == batch[0::world]  # DistributedSampler's rank-strided split
+
+
+def test_shift_augmentation_of_shares_equals_one_process():
+    """Each process draws the whole global batch's offsets and applies its own rows, so the
+    augmented shares are exactly the rows of the one-process augmented batch."""
+    from hfactory.train.distributed import DistContext, shard_positions
+
+    x = torch.randn(11, 1, 16, 16)
+    full = loop._random_shift(x, 2, torch.Generator().manual_seed(5), fill=-1.0)
+    for world in (2, 3):
+        for rank in range(world):
+            rows = shard_positions(len(x), DistContext(rank, world))
+            share = loop._random_shift(x[rows], 2, torch.Generator().manual_seed(5), -1.0, rows, len(x))
+            assert torch.equal(share, full[rows])
+    # and the default fill (the batch minimum) is the digits training set's minimum for every batch
+    data = load_digits((16, 16), 1)
+    images = data.train.tensors[0]
+    assert torch.equal(images.amin(dim=(1, 2, 3)), images.min().expand(len(images)))

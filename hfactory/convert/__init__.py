@@ -12,7 +12,9 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from . import hiera as _hiera  # noqa: F401  (registers the family)
+from . import hiera as _hiera  # noqa: F401  (each import registers a family)
+from . import metaformer as _metaformer  # noqa: F401
+from . import swin as _swin  # noqa: F401
 from .core import FAMILIES, convert_state_dict, mismatch_report
 from .hiera import from_package_keys
 

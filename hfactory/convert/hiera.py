@@ -4,7 +4,15 @@
 timm and the package number blocks flatly (``blocks.N``); hfactory nests them in stages, so
 ``N`` is placed with the model's plan (stage depths). The package's keys differ only in the
 head (``norm.*`` and ``head.projection.*``; timm: ``head.norm.*``, ``head.fc.*``), as timm's own
-``hiera.checkpoint_filter_fn`` maps them.
+``hiera.checkpoint_filter_fn`` maps them (also ``encoder_norm.*`` of MAE checkpoints and
+``pos_embed_abs`` of abs-win checkpoints).
+
+Position embeddings: the plain learned one is ``(1, N, C)`` in raster order (reshaped to
+``(1, H, W, C)``; a square source grid when ``N`` differs from the model's, then resized on load
+by :mod:`hfactory.convert.resize`); the abs-win ones (timm ``abs_win_pos_embed=True``,
+arXiv 2311.05613) are channels-first ``(1, C, gh, gw)`` / ``(1, C, uh, uw)`` and are permuted to
+hfactory's channels-last ``(1, gh, gw, C)`` / ``(1, uh, uw, C)``. LayerScale ``ls1.gamma`` /
+``ls2.gamma`` become ``layer_scale1.scale`` / ``layer_scale2.scale``.
 """
 
 from __future__ import annotations
@@ -20,21 +28,38 @@ from .core import Family, register_family
 
 __all__ = ["map_hiera", "spec_from_timm_hiera", "from_package_keys"]
 
+_BLOCK_RENAMES = ((r"^attn\.", "token_mixer."), (r"^ls(\d)\.gamma$", r"layer_scale\1.scale"))
+
 
 def _block_index(model: nn.Module) -> list[tuple[int, int]]:
     return [(s.index, j) for s in model.plan.stages for j in range(s.depth)]
 
 
 def from_package_keys(state_dict: Mapping[str, torch.Tensor]) -> dict:
-    """Rename the official package's head keys to timm's."""
+    """Rename the official package's (and older checkpoints') keys to timm's, as timm's
+    ``hiera.checkpoint_filter_fn``."""
     out = {}
     for k, v in state_dict.items():
         if k.startswith("norm."):
             k = "head.norm." + k[len("norm."):]
+        elif k.startswith("encoder_norm."):
+            k = "head.norm." + k[len("encoder_norm."):]
         elif k.startswith("head.projection."):
             k = "head.fc." + k[len("head.projection."):]
+        elif k == "pos_embed_abs":
+            k = "pos_embed"
         out[k] = v
     return out
+
+
+def _pos_embed(v: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    if v.ndim == 4:  # abs-win global embedding, channels-first (1, C, gh, gw)
+        return v.permute(0, 2, 3, 1)
+    # (1, N, C) in raster order -> (1, H, W, C); a square source grid if N differs from ours
+    h, w = model.plan.stages[0].out_grid
+    if v.shape[1] != h * w:
+        h = w = math.isqrt(v.shape[1])
+    return v.reshape(1, h, w, v.shape[-1])
 
 
 def map_hiera(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict:
@@ -43,11 +68,9 @@ def map_hiera(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict:
     out = {}
     for k, v in from_package_keys(state_dict).items():
         if k == "pos_embed":
-            # (1, N, C) in raster order -> (1, H, W, C); a square source grid if N differs from ours
-            h, w = model.plan.stages[0].out_grid
-            if v.shape[1] != h * w:
-                h = w = math.isqrt(v.shape[1])
-            out["stages.0.pos_embed.pos_embed"] = v.reshape(1, h, w, v.shape[-1])
+            out["stages.0.pos_embed.pos_embed"] = _pos_embed(v, model)
+        elif k == "pos_embed_win" and v.ndim == 4:
+            out["stages.0.pos_embed.pos_embed_win"] = v.permute(0, 2, 3, 1)
         elif k.startswith("patch_embed.proj."):
             out["stages.0.downsample.conv." + k.split(".")[-1]] = v
         elif k.startswith("head.norm."):
@@ -60,42 +83,99 @@ def map_hiera(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict:
                 out[k] = v  # left for the mismatch report to name
                 continue
             stage, j = blocks[int(m.group(1))]
-            rest = re.sub(r"^attn\.", "token_mixer.", m.group(2))
+            rest = m.group(2)
+            for pattern, repl in _BLOCK_RENAMES:
+                rest = re.sub(pattern, repl, rest)
             out[f"stages.{stage}.blocks.{j}.{rest}"] = v
     return out
 
 
-def spec_from_timm_hiera(timm_model: nn.Module) -> dict:
-    """The hfactory spec (dict) of a timm ``Hiera``: the ``hiera_tiny_224`` preset with the
-    model's widths, depths, heads, mask units, image size and classes."""
-    from ..presets import load_preset
+def _unsupported(what: str) -> ValueError:
+    return ValueError(f"timm Hiera with {what} has no hfactory equivalent (supported: 2-D images, learned or "
+                      "abs-win position embedding, avg/max pooling, square patch embedding)")
 
-    spec = load_preset("hiera_tiny_224").model_dump(mode="json", exclude_none=True)
-    ends = [-1, *timm_model.stage_ends]
+
+def spec_from_timm_hiera(timm_model: nn.Module) -> dict:
+    """The hfactory spec (dict) of a timm ``Hiera``: widths, depths, heads, token mixers (mask-unit
+    or global per stage, read through timm's one-block lag), q-pooling stages and stride, the
+    residual expansion (``use_expand_proj``), LayerScale, position embedding (learned or
+    abs-win with its global size), patch embedding, norm eps, MLP ratio, image size, mask
+    units, classes and pooling.
+
+    Raises:
+        ValueError: a configuration hfactory cannot express (video / separate position
+            embeddings, non-square patch conv, ``avgmax`` pooling).
+    """
+    m = timm_model
+    if getattr(m, "pos_embed_spatial", None) is not None or len(m.tokens_spatial_shape) != 2:
+        raise _unsupported("video input / sep_pos_embed")
+    conv = m.patch_embed.proj
+    if len({*conv.kernel_size}) != 1 or len({*conv.stride}) != 1 or len({*conv.padding}) != 1:
+        raise _unsupported(f"a non-square patch conv {conv}")
+    pool = m.head.pool_type
+    if pool not in ("avg", "max"):
+        raise _unsupported(f"global_pool {pool!r}")
+    blocks, ends = m.blocks, list(m.stage_ends)
+    first = blocks[0]
+    eps = first.norm1.eps
+
+    def mixer(stage: int) -> str:
+        # timm decides stage i's attention with one block of lag: the first block of stage i
+        # uses stage i-1's. Read it from a non-first block of the stage, else the next stage's first.
+        a = ends[stage - 1] + 1 if stage else 0
+        b = ends[stage]
+        probe = b if (stage == 0 or b > a) else (b + 1 if b + 1 < len(blocks) else None)
+        use_mu = probe is not None and blocks[probe].attn.use_mask_unit_attn
+        return "mask_unit_attention" if use_mu else "attention"
+
+    ls = first.ls1
+    layer_scale = float(getattr(ls, "init_values", 1e-5)) if hasattr(ls, "gamma") else False
+    expand = "proj"
+    if len(ends) > 1 and blocks[ends[0] + 1].do_expand and blocks[ends[0] + 1].proj is None:
+        expand = "max_avg"
+    q_stride = list(m.q_stride)
     stages = []
-    for i, (a, b) in enumerate(zip(ends[:-1], ends[1:])):
-        last = timm_model.blocks[b]
-        stage = dict(spec["stages"][min(i, 3)])
-        stage.update(embedding=last.dim_out, depth=b - a, num_heads=last.attn.heads)
-        stage.pop("dim_head", None)
-        stage["token_mixer"] = "mask_unit_attention" if timm_model.blocks[b].attn.use_mask_unit_attn else "attention"
+    for i, b in enumerate(ends):
+        a = ends[i - 1] + 1 if i else 0
+        last = blocks[b]
+        stage = {"embedding": last.dim_out, "depth": b - a + 1, "num_heads": last.attn.heads,
+                 "token_mixer": mixer(i)}
+        if i == 0:
+            stage["downsample"] = {"kind": "conv", "patch_size": conv.kernel_size[0], "stride": conv.stride[0],
+                                   "padding": conv.padding[0]}
+            if m.pos_embed_win is not None:
+                stage["pos_embed"] = {"kind": "abs_win", "global_pos_size": list(m.pos_embed.shape[-2:]),
+                                      "window_size": list(m.pos_embed_win.shape[-2:])}
+            else:
+                stage["pos_embed"] = "learned"
+        else:  # timm pools only in the first q_pool transitions; later ones just widen
+            stage["downsample"] = {"kind": "q_pool", "q_stride": q_stride if i <= m.q_pool else [1, 1],
+                                   "lag_mixer": True, "expand": expand}
         stages.append(stage)
-    # timm's attention of stage i is decided with one block of lag: read it from the stage's last block
-    spec["stages"] = stages
-    spec["defaults"].pop("dim_head", None)
-    ps = timm_model.patch_stride[0]
-    spec["img_size"] = [n * ps for n in timm_model.tokens_spatial_shape]
-    spec["mask_unit_size"] = list(timm_model.mask_unit_size)
-    spec["num_classes"] = timm_model.num_classes
-    spec["name"] = timm_model.pretrained_cfg.get("architecture", "hiera") if hasattr(timm_model, "pretrained_cfg") \
-        else "hiera"
-    return spec
+    head_norm = m.head.norm
+    return {
+        "name": m.pretrained_cfg.get("architecture", "hiera") if hasattr(m, "pretrained_cfg") else "hiera",
+        "img_size": [n * s for n, s in zip(m.tokens_spatial_shape, m.patch_stride)],
+        "in_chans": conv.in_channels,
+        "num_classes": m.num_classes,
+        "global_pool": pool,
+        "mask_unit_size": list(m.mask_unit_size),
+        "head_norm": {"kind": "layernorm", "eps": head_norm.eps} if isinstance(head_norm, nn.LayerNorm)
+        else {"kind": "identity"},
+        "defaults": {
+            "norm": {"kind": "layernorm", "eps": eps},
+            "feedforward": {"kind": "mlp", "hidden_layer_multiplier": first.mlp.fc1.out_features / first.dim_out,
+                            "activation": "gelu"},
+            "layer_scale": layer_scale,
+        },
+        "stages": stages,
+    }
 
 
 register_family(Family(
     name="hiera",
     detect=lambda sd: "patch_embed.proj.weight" in sd and any(k.startswith("blocks.0.attn.qkv") for k in sd)
-    and "pos_embed" in sd and not any("relative_position" in k for k in sd),
+    and ("pos_embed" in sd or "pos_embed_abs" in sd) and not any("relative_position" in k for k in sd),
     map=map_hiera,
     spec_from_timm=spec_from_timm_hiera,
     timm_class="Hiera",

@@ -1,7 +1,8 @@
 """Resize resolution-dependent weights on load (bicubic), so weights trained at one resolution
-load into a model built for another: learned position embeddings ``(1, H, W, C)`` and Swin's
-relative-position bias tables ``((2*Wh-1)*(2*Ww-1), heads)`` (as timm's ``resample_abs_pos_embed``
-and Swin's fine-tuning recipe, ``get_started.md`` "fine-tuning on higher resolution")."""
+load into a model built for another: learned position embeddings ``(1, H, W, C)`` (as timm's
+``resample_abs_pos_embed``: bicubic with antialias) and Swin's relative-position bias tables
+``((2*Wh-1)*(2*Ww-1), heads)`` (bicubic, Swin's recipe in ``get_started.md``, "fine-tuning on
+higher resolution")."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-__all__ = ["resize_to_model", "resize_grid", "RESIZABLE_SUFFIXES"]
+from ..layers.posembed import resize_pos_embed
+
+__all__ = ["resize_to_model", "RESIZABLE_SUFFIXES"]
 
 #: Parameter-name suffixes whose spatial size follows the resolution, and their layout.
 RESIZABLE_SUFFIXES = {
@@ -18,14 +21,6 @@ RESIZABLE_SUFFIXES = {
     "pos_embed_win": "grid",                     # (1, uh, uw, C)
     "relative_position_bias_table": "table",     # ((2Wh-1)(2Ww-1), heads)
 }
-
-
-def resize_grid(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bicubic resize of ``(1, H, W, C)`` to ``(1, size[0], size[1], C)`` (``align_corners=False``)."""
-    if tuple(t.shape[1:3]) == tuple(size):
-        return t
-    out = F.interpolate(t.permute(0, 3, 1, 2).float(), size=tuple(size), mode="bicubic", align_corners=False)
-    return out.permute(0, 2, 3, 1).to(t.dtype)
 
 
 def _resize_table(t: torch.Tensor, target: torch.Size) -> torch.Tensor:
@@ -48,7 +43,7 @@ def resize_to_model(state: Mapping[str, torch.Tensor], expected: Mapping[str, to
         if kind is None or ref is None or value.shape == ref.shape:
             continue
         if kind == "grid" and value.ndim == 4 and ref.ndim == 4 and value.shape[-1] == ref.shape[-1]:
-            out[key] = resize_grid(value, tuple(ref.shape[1:3]))
+            out[key] = resize_pos_embed(value, tuple(ref.shape[1:3]))
         elif kind == "table" and value.ndim == 2 and value.shape[1] == ref.shape[1]:
             out[key] = _resize_table(value, ref.shape)
     return out

@@ -58,13 +58,18 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, token_mixer: nn.Module, mlp: nn.Module, norm1: nn.Module, norm2: nn.Module,
                  residual_norm_style: str = "pre", layer_scale: Optional[float] = None, res_scale: bool = False,
-                 drop_path: float = 0.0, dim_in: Optional[int] = None, q_stride: Optional[tuple[int, int]] = None):
+                 drop_path: float = 0.0, dim_in: Optional[int] = None, q_stride: Optional[tuple[int, int]] = None,
+                 expand: str = "proj"):
         super().__init__()
         self.pre_norm = residual_norm_style == "pre"
         # Hiera's stage-transition block (timm hiera.HieraBlock): the residual is the projection
-        # of the normed input (when the width changes), max-pooled like the mixer's queries.
+        # of the normed input (when the width changes), max-pooled like the mixer's queries;
+        # with expand="max_avg" (timm use_expand_proj=False) it is the concat of the max- and
+        # avg-pooled raw input instead (dim = 2 * dim_in, no weights).
         self.q_stride = tuple(q_stride) if q_stride else None
-        self.proj = nn.Linear(dim_in, dim) if dim_in is not None and dim_in != dim else None
+        widen = dim_in is not None and dim_in != dim
+        self.max_avg = widen and expand == "max_avg"
+        self.proj = nn.Linear(dim_in, dim) if widen and not self.max_avg else None
         self.norm1, self.token_mixer = norm1, token_mixer
         self.drop_path1 = DropPath(drop_path)
         self.layer_scale1 = Scale(dim, layer_scale) if layer_scale is not None else nn.Identity()
@@ -75,11 +80,13 @@ class Block(nn.Module):
         self.res_scale2 = Scale(dim) if res_scale else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.q_stride is not None or self.proj is not None:
+        if self.q_stride is not None or self.proj is not None or self.max_avg:
             x_norm = self.norm1(x)
-            shortcut = x if self.proj is None else self.proj(x_norm)
-            if self.q_stride is not None:
-                shortcut = pool_hw(shortcut, self.q_stride)
+            stride = self.q_stride or (1, 1)
+            if self.max_avg:
+                shortcut = torch.cat([pool_hw(x, stride), pool_hw(x, stride, "avg")], dim=-1)
+            else:
+                shortcut = pool_hw(x if self.proj is None else self.proj(x_norm), stride)
             x = self.res_scale1(shortcut) + self.layer_scale1(self.drop_path1(self.token_mixer(x_norm)))
             return self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.mlp(self.norm2(x))))
         if self.pre_norm:

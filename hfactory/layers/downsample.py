@@ -57,6 +57,6 @@ class Fused(nn.Identity):
     """Placeholder of a downsampler fused into the stage's first block (Hiera's q-pooling: the
     block pools its queries and residual by ``q_stride``); it has no weights of its own."""
 
-    def __init__(self, q_stride: list[int], lag_mixer: bool = True):
+    def __init__(self, q_stride: list[int], lag_mixer: bool = True, expand: str = "proj"):
         super().__init__()
         self.q_stride = tuple(q_stride)

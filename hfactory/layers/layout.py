@@ -31,13 +31,14 @@ def units_to_grid(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return x.reshape(b, h, w, c)
 
 
-def pool_hw(x: torch.Tensor, stride: tuple[int, int]) -> torch.Tensor:
-    """Max-pool the ``(h, w)`` axes (the 3rd and 2nd from last) by ``stride``, inside units in the
-    units layout: ``(..., h, w, C) -> (..., h/sh, w/sw, C)``. Hiera's ``do_pool`` (max over the
-    q-stride positions), which in the unrolled order is this 2x2 max within a mask unit."""
+def pool_hw(x: torch.Tensor, stride: tuple[int, int], mode: str = "max") -> torch.Tensor:
+    """Max-pool (or, with ``mode="avg"``, average) the ``(h, w)`` axes (the 3rd and 2nd from last)
+    by ``stride``, inside units in the units layout: ``(..., h, w, C) -> (..., h/sh, w/sw, C)``.
+    Hiera's ``do_pool`` (max over the q-stride positions), which in the unrolled order is this
+    2x2 max within a mask unit; timm's ``use_expand_proj=False`` residual also uses the mean."""
     sh, sw = stride
     if sh == sw == 1:
         return x
     *lead, h, w, c = x.shape
     x = x.reshape(*lead, h // sh, sh, w // sw, sw, c)
-    return x.amax(dim=(-4, -2))
+    return x.mean(dim=(-4, -2)) if mode == "avg" else x.amax(dim=(-4, -2))

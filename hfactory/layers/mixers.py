@@ -103,13 +103,13 @@ class SepConv(nn.Module):
                  bias: bool = False):
         super().__init__()
         self.pwconv1 = nn.Linear(dim, hidden_chs, bias=bias)
-        self.act = make_activation(activation)
+        self.act1 = make_activation(activation)
         self.dwconv = nn.Conv2d(hidden_chs, hidden_chs, kernel_size, padding=kernel_size // 2,
                                 groups=hidden_chs, bias=bias)
         self.pwconv2 = nn.Linear(hidden_chs, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.pwconv1(x))
+        x = self.act1(self.pwconv1(x))
         x = self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return self.pwconv2(x)
 

@@ -23,15 +23,16 @@ class LayerNorm(nn.LayerNorm):
 class GroupNorm(nn.Module):
     """GroupNorm on a channels-last grid ``(B, H, W, C)``; statistics over (H, W, C/groups).
 
-    ``num_groups=1`` is PoolFormer's ``GroupNorm1`` (arXiv 2111.11418; timm ``metaformer.py``).
+    ``num_groups=1`` is PoolFormer's ``GroupNorm1`` (arXiv 2111.11418; timm ``metaformer.py``);
+    ``bias=False`` is PoolFormerV2's ``GroupNorm1NoBias`` (arXiv 2210.13452).
     Parameter names (``weight``, ``bias``) match ``torch.nn.GroupNorm``.
     """
 
-    def __init__(self, dim: int, num_groups: int = 1, eps: float = 1e-5):
+    def __init__(self, dim: int, num_groups: int = 1, eps: float = 1e-5, bias: bool = True):
         super().__init__()
         self.num_groups, self.eps = num_groups, eps
         self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # group_norm wants channels at dim 1; move them there and back (views, no copies kept).

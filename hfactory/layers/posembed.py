@@ -14,11 +14,11 @@ __all__ = ["LearnedPosEmbed", "Identity", "resize_pos_embed"]
 
 def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """Bicubic resize of a ``(1, H, W, C)`` embedding to ``(1, grid[0], grid[1], C)``
-    (``align_corners=False``, as timm ``resample_abs_pos_embed``)."""
+    (``align_corners=False``, ``antialias=True``: timm ``resample_abs_pos_embed``'s defaults)."""
     if tuple(pos_embed.shape[1:3]) == tuple(grid):
         return pos_embed
     resized = F.interpolate(pos_embed.permute(0, 3, 1, 2).float(), size=tuple(grid), mode="bicubic",
-                            align_corners=False)
+                            align_corners=False, antialias=True)
     return resized.permute(0, 2, 3, 1).to(pos_embed.dtype)
 
 

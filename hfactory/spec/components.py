@@ -206,6 +206,8 @@ SLOT_BASES = {
     "pos_embed": PosEmbedParams,
 }
 
+Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "squared_relu", "star_relu"]
+
 # ------------------------------------------------------------------------------------ norms
 
 
@@ -225,6 +227,7 @@ class GroupNormParams(NormParams):
     kind: Literal["groupnorm"] = "groupnorm"
     num_groups: int = Field(1, ge=1)
     eps: float = Field(1e-5, gt=0)
+    bias: bool = True
     accepts: ClassVar[frozenset] = frozenset({"grid"})
 
     def resolve(self, dim: int, loc: str) -> dict:
@@ -303,7 +306,7 @@ class SepConvParams(TokenMixerParams):
     kind: Literal["sepconv"] = "sepconv"
     expansion_ratio: float = Field(2.0, gt=0)
     kernel_size: int = Field(7, ge=1)
-    activation: Literal["gelu", "gelu_tanh", "relu", "silu", "squared_relu", "star_relu"] = "star_relu"
+    activation: Activation = "star_relu"
     bias: bool = False
 
     def resolve(self, ctx: StageContext) -> dict:
@@ -376,6 +379,10 @@ class QPoolParams(DownsampleParams):
     kind: Literal["q_pool"] = "q_pool"
     q_stride: Union[int, tuple[int, int]] = 2
     lag_mixer: bool = True
+    expand: Literal["proj", "max_avg"] = Field(
+        "proj", description="how the first block widens its residual: proj = Linear of the normed input "
+        "(Hiera), max_avg = concat of the max- and avg-pooled input (timm use_expand_proj=False; needs "
+        "embedding = 2 x the previous width)")
     fused: ClassVar[bool] = True
     accepts: ClassVar[frozenset] = frozenset({"grid", "units"})
 
@@ -391,7 +398,11 @@ class QPoolParams(DownsampleParams):
         return (in_grid[0] // self.stride_hw[0], in_grid[1] // self.stride_hw[1])
 
     def resolve(self, in_chs, out_chs, in_grid, loc):
-        return {"kind": self.kind, "q_stride": list(self.stride_hw), "lag_mixer": self.lag_mixer}
+        if self.expand == "max_avg" and out_chs != 2 * in_chs:
+            raise PlanError(f"{loc}.expand", f"max_avg concatenates two poolings of the {in_chs} input channels, "
+                            f"so the embedding must be {2 * in_chs}, not {out_chs}; use expand: proj")
+        return {"kind": self.kind, "q_stride": list(self.stride_hw), "lag_mixer": self.lag_mixer,
+                "expand": self.expand}
 
 
 class NoDownsampleParams(DownsampleParams):
@@ -412,7 +423,6 @@ class NoDownsampleParams(DownsampleParams):
 
 # ----------------------------------------------------------------------------- feedforwards
 
-Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "squared_relu", "star_relu"]
 
 
 class MlpParams(FeedforwardParams):

@@ -19,9 +19,9 @@ from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from .base import StrictModel
-from .components import ComponentField, ComponentParams
+from .components import Activation, ComponentField, ComponentParams
 
-__all__ = ["StageSpec", "StageDefaults", "EncoderSpec"]
+__all__ = ["StageSpec", "StageDefaults", "EncoderSpec", "HeadSpec"]
 
 TokenMixer = Annotated[ComponentParams, ComponentField("token_mixer")]
 Downsample = Annotated[ComponentParams, ComponentField("downsample")]
@@ -94,6 +94,18 @@ class StageSpec(_StageOptions):
     seq_len: Optional[int] = Field(None, ge=1, description="tokens in the stage; checked against the plan")
 
 
+class HeadSpec(StrictModel):
+    """The classifier after pooling (and the final norm): ``linear`` (one Linear, timm's default)
+    or ``mlp`` (MetaFormer baselines' ``MlpHead``, arXiv 2210.13452: ``fc1 -> act -> norm ->
+    dropout -> fc2`` with ``int(hidden_layer_multiplier * num_features)`` hidden units)."""
+
+    kind: Literal["linear", "mlp"] = "linear"
+    hidden_layer_multiplier: float = Field(4.0, gt=0)
+    activation: Activation = "squared_relu"
+    norm: Norm = Field(default_factory=lambda: {"kind": "layernorm", "eps": 1e-6})
+    bias: bool = True
+
+
 class EncoderSpec(StrictModel):
     """A hierarchical encoder: image geometry, stages, model-wide defaults and the head.
 
@@ -115,6 +127,7 @@ class EncoderSpec(StrictModel):
                             description="final norm; identity for none")
     head_norm_first: bool = Field(False, description="true: norm the final map before pooling "
                                   "(Swin, ViT); false: norm the pooled vector (MetaFormer, Hiera)")
+    head: HeadSpec = Field(default_factory=HeadSpec, description="classifier: linear or mlp")
     attn_backend: Literal["auto", "xformers", "sdpa", "math"] = "auto"
     mask_unit_size: Optional[Union[int, tuple[int, int]]] = Field(
         None, description="Hiera's mask unit in tokens of stage 0's output grid (e.g. 8 = 32x32 pixels at "

@@ -31,7 +31,10 @@ class TrainConfig:
     ImageFolder data uses RandomResizedCrop + flip instead). ``stop_at_step`` ends this
     invocation after that many optimizer steps in total, leaving a checkpoint to ``--resume``
     (the schedule still spans ``epochs``). ``threads=None`` uses every core available to the
-    process, ``device=None`` CUDA when available, else the CPU.
+    process (shared by the processes of a torchrun job on this machine), ``device=None`` CUDA
+    when available, else the CPU. ``batch_size`` is the global batch: under torchrun each of N
+    processes takes about ``batch_size / N`` images of every step. ``fsdp`` shards the model
+    with FSDP2 instead of replicating it with DDP (torchrun only).
     """
 
     data: str = "digits"  # or an ImageFolder directory with train/ and val/
@@ -52,6 +55,7 @@ class TrainConfig:
     device: Optional[str] = None
     progress: bool = True
     stop_at_step: Optional[int] = None
+    fsdp: bool = False  # under torchrun: shard with FSDP2 instead of DDP
 
     def validate(self) -> None:
         """Raises ValueError naming the first out-of-range option."""
@@ -68,7 +72,8 @@ class TrainConfig:
 
 
 #: Config fields that a resumed run may change without changing its result.
-RUNTIME_FIELDS = frozenset({"eval_batch_size", "workers", "threads", "device", "progress", "stop_at_step"})
+RUNTIME_FIELDS = frozenset({"eval_batch_size", "workers", "threads", "device", "progress", "stop_at_step",
+                            "fsdp"})
 
 
 

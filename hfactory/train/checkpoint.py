@@ -32,7 +32,7 @@ from ..spec.io import dump_spec, load_spec
 from ..spec.model import EncoderSpec
 
 __all__ = ["RUN_FILE", "CHECKPOINT_DIR", "MODEL_DIR", "STATE_NAME", "atomic_path", "write_json",
-           "check_out_dir", "read_run", "save_checkpoint", "find_checkpoint", "load_checkpoint",
+           "check_out_dir", "read_run", "save_checkpoint", "save_model_dir", "find_checkpoint", "load_checkpoint",
            "checked_model_dir"]
 
 RUN_FILE = "run.json"
@@ -94,11 +94,14 @@ def check_out_dir(out: Path, spec: EncoderSpec, resume: bool) -> bool:
     return True
 
 
-def save_checkpoint(out: Path, model: torch.nn.Module, state: dict) -> Path:
+def save_checkpoint(out: Path, model: torch.nn.Module, state: dict,
+                    weights: Optional[dict[str, torch.Tensor]] = None) -> Path:
     """Write ``out/checkpoint`` (weights, spec, ``state``) so that a crash never leaves it half-written.
 
     ``state`` holds plain tensors, numbers, strings, lists and dicts only (it is loaded with
-    ``torch.load(weights_only=True)``); it must contain ``step`` and ``spec_hash``.
+    ``torch.load(weights_only=True)``); it must contain ``step`` and ``spec_hash``. ``weights``
+    (default: ``model.state_dict()``) is the full state dict to save, e.g. gathered from FSDP
+    shards; ``model.spec`` is saved with it.
 
     The checkpoint is written complete into ``checkpoint.new/``; then ``checkpoint`` becomes
     ``checkpoint.old``, ``checkpoint.new`` becomes ``checkpoint`` and ``checkpoint.old`` is
@@ -109,7 +112,7 @@ def save_checkpoint(out: Path, model: torch.nn.Module, state: dict) -> Path:
     final, new, old = out / CHECKPOINT_DIR, out / (CHECKPOINT_DIR + ".new"), out / (CHECKPOINT_DIR + ".old")
     shutil.rmtree(new, ignore_errors=True)
     new.mkdir(parents=True)
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    weights = {k: v.detach().contiguous().cpu() for k, v in (weights or model.state_dict()).items()}
     with atomic_path(new / WEIGHTS_NAME) as tmp:
         save_file(weights, str(tmp), metadata={"spec_hash": state["spec_hash"], "step": str(state["step"]),
                                                "format": "pt"})
@@ -123,6 +126,19 @@ def save_checkpoint(out: Path, model: torch.nn.Module, state: dict) -> Path:
     os.replace(new, final)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_model_dir(directory: Path, spec: EncoderSpec, weights: dict[str, torch.Tensor]) -> Path:
+    """Write ``weights`` (a full state dict) and ``spec`` as ``HierarchicalEncoder.save_pretrained``
+    does, for a model whose own ``state_dict`` is sharded (FSDP): the weights are loaded into a
+    model built on the meta device (checked against the spec, nothing allocated twice) and saved
+    with ``save_pretrained``. Returns the directory."""
+    from ..encoder import HierarchicalEncoder
+
+    with torch.device("meta"):
+        model = HierarchicalEncoder(spec)
+    model.load_state_dict(weights, strict=True, assign=True)
+    return model.save_pretrained(directory)
 
 
 def find_checkpoint(out: Path) -> Optional[Path]:

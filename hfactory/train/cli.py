@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -19,7 +20,8 @@ __all__ = ["add_commands", "cmd_train", "cmd_eval", "config_from_args"]
 # the user gave: on --resume, the rest come from the run's recorded config, not from defaults.
 _TRAIN_OPTIONS = [
     ("--epochs", "epochs", int, "training epochs"),
-    ("--batch-size", "batch_size", int, "images per optimizer step"),
+    ("--batch-size", "batch_size", int, "images per optimizer step, global: under torchrun each of N "
+     "processes takes its share (about 1/N) of every batch, so N processes train like one"),
     ("--lr", "lr", float, "peak learning rate of AdamW (after warmup, then cosine decay to 0)"),
     ("--weight-decay", "weight_decay", float, "AdamW weight decay (not on biases, norms, position embeddings)"),
     ("--warmup-epochs", "warmup_epochs", float, "linear warmup length in epochs"),
@@ -43,7 +45,9 @@ def add_commands(subparsers) -> None:
     defaults = TrainConfig()
     p = subparsers.add_parser(
         "train", help="train a spec on digits or an ImageFolder directory",
-        description="Train a spec; the defaults train examples/digits_hybrid.yaml on the embedded digits data.")
+        description="Train a spec; the defaults train examples/digits_hybrid.yaml on the embedded digits data. "
+        "Several processes: torchrun --nproc_per_node=N -m hfactory train SPEC ... (DDP, or FSDP2 with --fsdp; "
+        "gloo on CPU, nccl on CUDA); --batch-size stays the global batch and only rank 0 prints and writes.")
     p.add_argument("spec", help="spec YAML path")
     p.add_argument("--data", help=f"'digits' (scikit-learn's bundled 8x8 digits, fixed 80/20 split) or a "
                    f"directory with train/ and val/ ImageFolder subfolders (default: {defaults.data})")
@@ -57,6 +61,9 @@ def add_commands(subparsers) -> None:
                    help="bfloat16 autocast (default: off)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=True,
                    help="no progress bar (epoch lines are still printed)")
+    p.add_argument("--fsdp", dest="fsdp", action="store_true", default=None,
+                   help="under torchrun: shard parameters, gradients and optimizer states with FSDP2 "
+                   "(fully_shard per stage) instead of replicating them with DDP")
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("eval", help="test accuracy of a trained model (prints one JSON line)")
@@ -92,7 +99,7 @@ def config_from_args(args: argparse.Namespace, out: Path):
     values.update({k: v for k, v in recorded.items() if k in names and k not in RUNTIME_FIELDS})
     given = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     changed = [k for k, v in given.items() if k in recorded and k not in RUNTIME_FIELDS and recorded[k] != v]
-    if changed:
+    if changed and os.environ.get("RANK", "0") == "0":
         print("warning: resuming with changed " + ", ".join(f"{k} ({recorded[k]} -> {given[k]})" for k in changed)
               + "; the result will differ from an uninterrupted run", file=sys.stderr)
     values.update(given)
@@ -100,8 +107,12 @@ def config_from_args(args: argparse.Namespace, out: Path):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train; exit 0 when done (or stopped by --stop-at-step), 1 on a non-finite loss, 130 on Ctrl-C."""
+    """Train; exit 0 when done (or stopped by --stop-at-step), 1 on a non-finite loss, 130 on Ctrl-C.
+
+    Under torchrun only rank 0 prints (and writes the run directory)."""
     from ..cli import _load
+
+    main_process = os.environ.get("RANK", "0") == "0"
 
     spec = _load(args.spec)
     out = Path(args.out) if args.out else Path("runs") / (spec.name or Path(args.spec).stem)
@@ -118,9 +129,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"hfactory train: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"\nhfactory train: interrupted; continue with: hfactory train {args.spec} --out {out} --resume",
-              file=sys.stderr)
+        if main_process:
+            print(f"\nhfactory train: interrupted; continue with: hfactory train {args.spec} --out {out} --resume",
+                  file=sys.stderr)
         return 130
+    if not main_process:
+        return 0
     if not result.get("stopped"):
         print(f"test accuracy {result['test_accuracy']:.4f} after {result['epochs']} epochs in "
               f"{result['elapsed_s']:.1f}s; model saved to {out / 'model'}")
@@ -130,7 +144,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a saved model on the test split; prints ``{"test_accuracy": ..., ...}``."""
-    import os
 
     from .checkpoint import checked_model_dir, read_run
 

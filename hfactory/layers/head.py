@@ -1,0 +1,52 @@
+"""Classifier heads: pooling, dropout and the classifier ``fc`` (a Linear or an MLP head)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .feedforward import make_activation
+
+__all__ = ["ClassifierHead", "MlpHead", "make_classifier"]
+
+
+class MlpHead(nn.Module):
+    """MetaFormer baselines' MLP head (arXiv 2210.13452; timm ``metaformer.MlpHead`` names):
+    ``fc1 -> act -> norm -> head_drop -> fc2``; ``(B, C) -> (B, num_classes)``."""
+
+    def __init__(self, dim: int, num_classes: int, hidden_features: int, activation: str, norm: nn.Module,
+                 bias: bool = True, drop_rate: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_features, bias=bias)
+        self.act = make_activation(activation)
+        self.norm = norm
+        self.head_drop = nn.Dropout(drop_rate)
+        self.fc2 = nn.Linear(hidden_features, num_classes, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.head_drop(self.norm(self.act(self.fc1(x)))))
+
+
+def make_classifier(num_features: int, num_classes: int, head: dict, drop_rate: float = 0.0) -> nn.Module:
+    """The classifier for the plan's ``head`` entry; ``nn.Identity`` when ``num_classes == 0``."""
+    if num_classes <= 0:
+        return nn.Identity()
+    if head["kind"] == "mlp":
+        from ..build import build_component
+
+        return MlpHead(num_features, num_classes, head["hidden_features"], head["activation"],
+                       build_component("norm", head["norm"]), head["bias"], drop_rate)
+    return nn.Linear(num_features, num_classes, bias=head["bias"])
+
+
+class ClassifierHead(nn.Module):
+    """Pool ``(B, C, H, W)`` over H and W (``avg`` or ``max``), dropout, classifier ``fc``."""
+
+    def __init__(self, num_features: int, num_classes: int, global_pool: str, drop_rate: float, head: dict):
+        super().__init__()
+        self.global_pool = global_pool
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = make_classifier(num_features, num_classes, head, drop_rate)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        return x.amax(dim=(2, 3)) if self.global_pool == "max" else x.mean(dim=(2, 3))

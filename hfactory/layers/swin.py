@@ -1,0 +1,170 @@
+"""Swin Transformer modules: (shifted-)window attention and patch merging, channels-last grids.
+
+Source: Liu et al., arXiv 2103.14030; the reference behaviour is timm ``models/swin_transformer.py``
+(``WindowAttention`` + ``SwinTransformerBlock._attn``, ``PatchMerging``), whose parameter names
+these modules keep. Builders of the ``token_mixer`` / ``downsample`` registry entries
+``window_attention`` / ``patch_merging`` (params and plan arithmetic in :mod:`hfactory.spec.swin`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..spec.swin import padded_grid, window_and_shift
+from .attention import attention
+from .downsample import build_norm
+
+__all__ = ["WindowAttention", "PatchMerging", "relative_position_index", "window_mask", "SHIFT_MASK_VALUE"]
+
+#: timm's additive mask between tokens of one shifted window that come from different regions.
+SHIFT_MASK_VALUE = -100.0
+
+
+def relative_position_index(window: tuple[int, int], table_window: Optional[tuple[int, int]] = None,
+                            device=None) -> torch.Tensor:
+    """``(N, N)`` indices (``N = wh*ww``) into a ``((2th-1)(2tw-1), heads)`` relative-position table
+    for a ``table_window = (th, tw)`` (default: ``window``); timm's ``get_relative_position_index``
+    when both are equal. A smaller ``window`` uses the table's central offsets."""
+    wh, ww = window
+    th, tw = table_window or window
+    coords = torch.stack(torch.meshgrid(torch.arange(wh, device=device), torch.arange(ww, device=device),
+                                        indexing="ij")).flatten(1)  # (2, N), row-major
+    rel = coords[:, :, None] - coords[:, None, :]  # (2, N, N): query minus key
+    return (rel[0] + th - 1) * (2 * tw - 1) + (rel[1] + tw - 1)
+
+
+def _partition(t: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+    """``(Hp, Wp, ...)`` -> ``(nW, wh*ww, ...)``, windows row-major (timm's ``window_partition``)."""
+    (hp, wp), (wh, ww) = t.shape[:2], window
+    rest = t.shape[2:]
+    t = t.reshape(hp // wh, wh, wp // ww, ww, *rest).transpose(1, 2)
+    return t.reshape((hp // wh) * (wp // ww), wh * ww, *rest)
+
+
+def window_mask(grid: tuple[int, int], padded: tuple[int, int], window: tuple[int, int], shift: tuple[int, int],
+                device=None) -> Optional[torch.Tensor]:
+    """Additive mask ``(nW, N, N)`` (float32) of the windows of a padded, cyclically shifted grid,
+    or None when there is neither shift nor padding.
+
+    The grid ``(H, W)`` is zero-padded at the end to ``padded`` and rolled by ``-shift``. Within a
+    window, tokens of different shift regions get ``-100`` (timm's ``get_attn_mask``; the regions
+    are ``[0, Hp-wh)``, ``[Hp-wh, Hp-sh)``, ``[Hp-sh, Hp)`` per shifted axis), and padded keys
+    ``-inf``. Every window holds a real token of each query's region (padding < window), so no row
+    is fully masked.
+    """
+    if not any(shift) and tuple(padded) == tuple(grid):
+        return None
+
+    def axis(n: int, n_pad: int, w: int, s: int):
+        r = torch.arange(n_pad, device=device)
+        region = (r >= n_pad - w).long() + (r >= n_pad - s).long() if s else torch.zeros_like(r)
+        real = (r + s) % n_pad < n  # position r of the rolled grid holds padded index (r + s) mod n_pad
+        return region, real
+
+    (rh, real_h), (rw, real_w) = (axis(n, p, w, s) for n, p, w, s in zip(grid, padded, window, shift))
+    region = _partition(rh[:, None] * 3 + rw[None, :], window)  # (nW, N)
+    real = _partition(real_h[:, None] & real_w[None, :], window)  # (nW, N)
+    n = window[0] * window[1]
+    mask = torch.zeros(region.shape[0], n, n, device=device)
+    mask = mask.masked_fill(region[:, :, None] != region[:, None, :], SHIFT_MASK_VALUE)
+    return mask.masked_fill(~real[:, None, :], float("-inf"))
+
+
+class WindowAttention(nn.Module):
+    """(Shifted-)window multi-head self-attention with relative-position bias, ``(B, H, W, C)`` in
+    and out (W-MSA / SW-MSA, arXiv 2103.14030; timm ``WindowAttention`` inside
+    ``SwinTransformerBlock._attn``).
+
+    The grid is zero-padded at the end to a multiple of the window (Swin's detection code), rolled
+    by ``-shift_size``, cut into windows of ``N = wh*ww`` tokens, attended with the bias
+    ``table[relative_position_index]`` plus the shift/padding mask (:func:`window_mask`), put back,
+    rolled by ``+shift_size`` and cropped. All numbers come from the plan for ``grid``; another
+    input size (an encoder run at another resolution) gets the same rule (:func:`window_and_shift`,
+    with ``window_size`` as the largest window) and its mask is computed on the fly.
+
+    Attention runs through :func:`hfactory.layers.attention.attention` (``self.backend``). With a
+    mask, the windows of a sample are folded into the head axis, ``(B, nW*heads, N, d)``, so the
+    ``(1, nW*heads, N, N)`` bias broadcasts over the batch; without one, ``(B*nW, heads, N, d)``
+    with a ``(1, heads, N, N)`` bias.
+    """
+
+    _no_weight_decay = ("relative_position_bias_table",)
+
+    def __init__(self, dim: int, num_heads: int, dim_head: int, grid: list[int], window_size: list[int],
+                 shift_size: list[int], padded_grid: list[int], shifted: bool = False, qkv_bias: bool = True,
+                 proj_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0, backend: str = "auto"):
+        super().__init__()
+        self.num_heads, self.dim_head, self.attn_drop, self.backend = num_heads, dim_head, attn_drop, backend
+        self.grid, self.window_size = tuple(grid), tuple(window_size)
+        self.shift_size, self.padded_grid, self.shifted = tuple(shift_size), tuple(padded_grid), shifted
+        wh, ww = self.window_size
+        inner = num_heads * dim_head
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.register_buffer("relative_position_index", relative_position_index(self.window_size), persistent=False)
+        self.register_buffer("attn_mask", window_mask(self.grid, self.padded_grid, self.window_size,
+                                                      self.shift_size), persistent=False)
+        self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
+        self.proj = nn.Linear(inner, dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def extra_repr(self) -> str:
+        return (f"heads={self.num_heads}, grid={self.grid}, window={self.window_size}, shift={self.shift_size}, "
+                f"padded_grid={self.padded_grid}")
+
+    def _geometry(self, grid: tuple[int, int], device):
+        """(window, shift, padded grid, mask, relative index) for an input grid."""
+        if grid == self.grid:
+            return self.window_size, self.shift_size, self.padded_grid, self.attn_mask, self.relative_position_index
+        window, shift = window_and_shift(grid, self.window_size, self.shifted)
+        padded = padded_grid(grid, window)
+        index = relative_position_index(window, self.window_size, device=device)
+        return window, shift, padded, window_mask(grid, padded, window, shift, device=device), index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape
+        (wh, ww), (sh, sw), (hp, wp), mask, index = self._geometry((h, w), x.device)
+        if (hp, wp) != (h, w):
+            x = F.pad(x, (0, 0, 0, wp - w, 0, hp - h))
+        if sh or sw:
+            x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
+        nh, nw, n, heads, d = hp // wh, wp // ww, wh * ww, self.num_heads, self.dim_head
+        x = x.reshape(b, nh, wh, nw, ww, c).transpose(2, 3).reshape(b, nh * nw, n, c)
+        # same channel split as timm's reshape(B_, N, 3, heads, d)
+        qkv = self.qkv(x).reshape(b, nh * nw, n, 3, heads, d).permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, heads, N, d)
+        bias = self.relative_position_bias_table[index.reshape(-1)].reshape(n, n, heads).permute(2, 0, 1)
+        if mask is None:
+            q, k, v = qkv.reshape(3, b * nh * nw, heads, n, d).unbind(0)
+            bias = bias.unsqueeze(0)
+        else:
+            q, k, v = qkv.reshape(3, b, nh * nw * heads, n, d).unbind(0)
+            bias = (bias.unsqueeze(0) + mask.unsqueeze(1).to(bias.dtype)).reshape(1, nh * nw * heads, n, n)
+        o = attention(q, k, v, bias.to(q.dtype), dropout_p=self.attn_drop if self.training else 0.0,
+                      backend=self.backend)
+        o = o.reshape(b, nh, nw, heads, wh, ww, d).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, hp, wp, heads * d)
+        if sh or sw:
+            o = torch.roll(o, shifts=(sh, sw), dims=(1, 2))
+        if (hp, wp) != (h, w):
+            o = o[:, :h, :w]
+        return self.proj_drop(self.proj(o))
+
+
+class PatchMerging(nn.Module):
+    """Swin's patch merging (arXiv 2103.14030; timm ``PatchMerging``, names ``norm``, ``reduction``):
+    ``(B, H, W, C) -> (B, H/2, W/2, C_out)``; each 2x2 neighbourhood concatenated to ``4C``
+    channels in timm's order (``x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2]``),
+    normed over ``4C`` and projected without bias. The plan has checked that H and W are even."""
+
+    def __init__(self, in_chs: int, out_chs: int, norm: Optional[dict] = None):
+        super().__init__()
+        self.norm = build_norm(norm)
+        self.reduction = nn.Linear(4 * in_chs, out_chs, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape
+        x = x.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3)
+        return self.reduction(self.norm(x))

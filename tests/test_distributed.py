@@ -1,0 +1,127 @@
+"""``torchrun -m hfactory train`` with 2 CPU processes (gloo): the same result as one process.
+
+One process trains a tiny spec for one epoch with the global batch 359 (1,437 digits images:
+4 batches of 359, then 1 image, so the processes' shares are uneven, 180/179, and the last one
+is empty for process 1). Two processes under torchrun, DDP, must end with the same weights
+(within float tolerance: the loss is summed per process and scaled instead of averaged once,
+so roundings differ; AdamW amplifies that to ~1e-5 in 5 steps) and the same test accuracy
+(identical in our runs; one borderline test image may flip).
+The ``--shift`` augmentation stays on: every process draws the global batch's offsets. The
+spec has ``drop_path_rate: 0`` and ``drop_rate: 0`` because stochastic depth and dropout masks
+are drawn per process (see hfactory/train/distributed.py).
+
+Then FSDP2 (``--fsdp``) stops after 3 steps and DDP resumes its checkpoint: the result must be
+the uninterrupted DDP run's. Runs take ~6-10 s each on 2 cores (4 torchrun launches).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("sklearn")
+torch = pytest.importorskip("torch")
+import torch.distributed as dist  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from hfactory.cli import main  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with gloo is not available")
+
+TINY = """\
+name: tiny_ddp
+img_size: 16
+in_chans: 1
+num_classes: 10
+drop_path_rate: 0.0
+drop_rate: 0.0
+defaults:
+  feedforward: {kind: mlp, hidden_layer_multiplier: 2}
+stages:
+  - {embedding: 24, depth: 1, token_mixer: {kind: sepconv, kernel_size: 3},
+     downsample: {kind: conv, patch_size: 3, stride: 2, padding: 1}}
+  - {embedding: 48, depth: 1, token_mixer: attention, num_heads: 2, pos_embed: learned}
+"""
+ARGS = ["--epochs", "1", "--batch-size", "359", "--lr", "5e-3", "--no-progress", "--threads", "1"]
+
+
+def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --standalone --nproc_per_node=2 -m hfactory train ...``
+    (``--standalone`` picks a free port)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "hfactory", "train", *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
+
+
+def assert_same_weights(a: Path, b: Path, atol: float) -> None:
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-3, atol=atol, msg=name)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("dist")
+    (root / "tiny.yaml").write_text(TINY, encoding="utf-8")
+    threads = torch.get_num_threads()
+    try:
+        assert main(["train", str(root / "tiny.yaml"), "--out", str(root / "single"), *ARGS]) == 0
+    finally:
+        torch.set_num_threads(threads)  # --threads 1 is global state
+    return root
+
+
+def test_two_processes_train_like_one(runs):
+    result = torchrun("tiny.yaml", "--out", "ddp", *ARGS, cwd=runs)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # rank 0 alone prints and writes: one epoch line, one final JSON line, one metrics line
+    assert result.stdout.count("epoch 1/1") == 1, result.stdout
+    assert "2 processes (DDP, gloo), global batch 359" in result.stdout
+    final = json.loads(result.stdout.strip().splitlines()[-1])
+    single = json.loads((runs / "single" / "metrics.json").read_text())
+    assert final["world_size"] == 2 and final["steps"] == single["steps"] == 5
+    # evaluation across ranks: all 360 test images counted once, same accuracy and loss
+    assert final["test_images"] == single["test_images"] == 360
+    assert abs(final["test_accuracy"] - single["test_accuracy"]) <= 1 / 360  # at most one borderline image
+    assert final["test_loss"] == pytest.approx(single["test_loss"], rel=1e-4)
+    assert len((runs / "ddp" / "metrics.jsonl").read_text().splitlines()) == 1
+    assert_same_weights(runs / "ddp" / "model", runs / "single" / "model", atol=1e-4)
+    # and training did move the weights (the comparison is not between two initialisations)
+    from hfactory import build_encoder
+
+    torch.manual_seed(0)
+    init = build_encoder(runs / "tiny.yaml").state_dict()
+    trained = load_file(str(runs / "ddp" / "model" / "model.safetensors"))
+    assert max((trained[k] - init[k]).abs().max().item() for k in init) > 1e-3
+
+
+def test_fsdp_checkpoint_resumes_under_ddp(runs):
+    if not (runs / "ddp" / "model").is_dir():
+        pytest.skip("needs the DDP run of test_two_processes_train_like_one")
+    result = torchrun("tiny.yaml", "--out", "fsdp", "--fsdp", "--stop-at-step", "3", *ARGS, cwd=runs)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 processes (FSDP2, gloo)" in result.stdout and "stopped at step 3" in result.stdout
+    assert not (runs / "fsdp" / "model").exists()
+    result = torchrun("tiny.yaml", "--out", "fsdp", "--resume", "--no-progress", "--threads", "1", cwd=runs)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming" in result.stdout
+    # FSDP's gathered checkpoint continues exactly where DDP would have been
+    assert_same_weights(runs / "fsdp" / "model", runs / "ddp" / "model", atol=1e-6)
+
+
+def test_refused_out_dir_is_reported_once_and_untouched(runs):
+    other = runs / "other.yaml"
+    other.write_text(TINY.replace("embedding: 48", "embedding: 32"), encoding="utf-8")
+    before = {p: p.stat().st_mtime_ns for p in (runs / "single").rglob("*")}
+    result = torchrun("other.yaml", "--out", "single", *ARGS, cwd=runs)
+    assert result.returncode != 0
+    assert result.stderr.count("already holds a run of another spec") == 1, result.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in (runs / "single").rglob("*")} == before
