@@ -21,7 +21,7 @@ from pydantic_core import PydanticCustomError
 from .base import StrictModel
 from .components import Activation, ComponentField, ComponentParams
 
-__all__ = ["StageSpec", "StageDefaults", "EncoderSpec", "HeadSpec"]
+__all__ = ["StageSpec", "StageDefaults", "EncoderSpec", "HeadSpec", "Lineage"]
 
 TokenMixer = Annotated[ComponentParams, ComponentField("token_mixer")]
 Downsample = Annotated[ComponentParams, ComponentField("downsample")]
@@ -106,6 +106,15 @@ class HeadSpec(StrictModel):
     bias: bool = True
 
 
+class Lineage(StrictModel):
+    """Where a variant came from (written by :mod:`hfactory.spec.variants`): the base spec's
+    name, the overrides applied (path -> value) and the scaling rule."""
+
+    base: Optional[str] = None
+    changes: dict[str, Any] = Field(default_factory=dict)
+    rule: Optional[dict[str, Any]] = None
+
+
 class EncoderSpec(StrictModel):
     """A hierarchical encoder: image geometry, stages, model-wide defaults and the head.
 
@@ -132,6 +141,14 @@ class EncoderSpec(StrictModel):
     mask_unit_size: Optional[Union[int, tuple[int, int]]] = Field(
         None, description="Hiera's mask unit in tokens of stage 0's output grid (e.g. 8 = 32x32 pixels at "
         "patch stride 4); tokens then flow in the units layout (B, U, uh, uw, C)")
+
+    lineage: Optional[Lineage] = Field(None, description="base spec and changes this variant was derived by")
+
+    def with_changes(self, changes: dict, *, record: bool = True) -> "EncoderSpec":
+        """A copy with values replaced by dotted path; see :func:`hfactory.spec.variants.with_changes`."""
+        from .variants import with_changes
+
+        return with_changes(self, changes, record=record)
 
     @field_validator("mask_unit_size")
     @classmethod

@@ -1,0 +1,254 @@
+"""Variants of a spec: overrides by path, scaling rules, and the lineage every variant records.
+
+Overrides address spec fields by dotted path (``stages.2.depth``, ``stages.*.token_mixer.kind``,
+``defaults.norm.eps``, ``drop_path_rate``); ``*`` addresses every stage. A path is checked
+against the spec's models (not only against what the YAML happens to spell out), so a typo or an
+index out of range fails with the path and the valid keys; the changed spec is then validated
+(located pydantic errors) and planned (:class:`PlanError`) exactly like a hand-written one.
+
+Scaling rules derive a family from one spec by per-stage depth and width multipliers, with widths
+rounded to a multiple of the head dimension (or a given divisor), as the named sizes of MetaFormer
+(S/M/B), Swin (T/S/B/L) and Hiera (T/S/B/B+/L/H) relate to each other.
+
+No torch here.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal, Mapping, Optional, Union
+
+from pydantic import Field
+
+from .. import registry
+from .base import StrictModel, did_you_mean
+from .model import EncoderSpec, HeadSpec, Lineage, StageDefaults, StageSpec
+
+__all__ = ["with_changes", "scale", "ScalingRule", "Lineage", "OverrideError", "parse_assignment"]
+
+#: Fields holding a component, by the slot they are looked up in.
+_COMPONENT_FIELDS = {"token_mixer": "token_mixer", "downsample": "downsample", "feedforward": "feedforward",
+                     "norm": "norm", "pos_embed": "pos_embed", "head_norm": "norm"}
+_MODELS = {"spec": EncoderSpec, "stage": StageSpec, "defaults": StageDefaults, "head": HeadSpec}
+
+
+class OverrideError(ValueError):
+    """An override path that matches nothing; ``path`` is the offending dotted path."""
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        super().__init__(f"{path}: {message}")
+
+
+def _component_fields(slot: str, value: Any, path: str) -> set[str]:
+    if not isinstance(value, dict) or "kind" not in value:
+        raise OverrideError(path, f"no {slot} is set here; set {path} to a component first "
+                            f"(e.g. {{kind: {registry.names(slot)[0]}}})")
+    params = registry.get(slot, value["kind"]).params
+    return set(params.model_fields)
+
+
+def _effective_component(root: dict, key: str, stage_index: int) -> Any:
+    """A stage's component when the stage does not set it: the spec's default, else the library's."""
+    from ..plan import _DOWNSAMPLE, _STEM, LIBRARY_DEFAULTS
+
+    value = root.get("defaults", {}).get(key)
+    if value is None:
+        lib = LIBRARY_DEFAULTS.model_dump(mode="json", exclude_none=True)
+        value = lib.get(key) or (dict(_STEM if stage_index == 0 else _DOWNSAMPLE) if key == "downsample" else None)
+    return copy.deepcopy(value)
+
+
+def _descend(node: Any, kind: str, tokens: list[str], value: Any, done: str, root: dict | None = None) -> None:
+    """Set ``value`` at ``tokens`` inside ``node`` (JSON-like data of model ``kind``)."""
+    root = node if root is None else root
+    key, rest = tokens[0], tokens[1:]
+    path = f"{done}.{key}" if done else key
+    if kind == "stages":
+        if key == "*":
+            targets = range(len(node))
+        else:
+            try:
+                targets = [int(key)]
+            except ValueError:
+                raise OverrideError(path, "a stage index or '*' was expected") from None
+            if not -len(node) <= targets[0] < len(node):
+                raise OverrideError(path, f"no such stage; the spec has {len(node)} (0-{len(node) - 1}) or use '*'")
+        if not rest:
+            raise OverrideError(path, "name a stage field, e.g. stages.0.depth")
+        for i in targets:
+            _descend(node[i], "stage", rest, copy.deepcopy(value), f"{done}.{i}" if done else str(i), root)
+        return
+    if kind.startswith("component:"):
+        slot = kind.split(":", 1)[1]
+        fields = _component_fields(slot, node, done)
+        if key not in fields:
+            raise OverrideError(path, f"{node['kind']!r} has no option {key!r}{did_you_mean(key, fields)}; "
+                                f"valid: {', '.join(sorted(fields))}")
+        if rest:
+            if key == "norm":
+                sub = node.get(key)
+                if isinstance(sub, str):
+                    sub = node[key] = {"kind": sub}
+                _descend(sub, "component:norm", rest, value, path, root)
+                return
+            raise OverrideError(path, f"{key!r} is a value, not a mapping")
+        if key == "kind":
+            # A new kind gets its own defaults: the old kind's options may not exist on it.
+            node.clear()
+        node[key] = value
+        return
+    model = _MODELS[kind]
+    fields = set(model.model_fields)
+    if key not in fields:
+        raise OverrideError(path, f"unknown key {key!r}{did_you_mean(key, fields)}; valid: {', '.join(sorted(fields))}")
+    if not rest:
+        node[key] = value
+        return
+    if key == "stages":
+        _descend(node[key], "stages", rest, value, path, root)
+    elif key in _COMPONENT_FIELDS:
+        sub = node.get(key)
+        if sub is None and kind == "stage":
+            # Changing an option of a component the stage inherits: the stage gets its own copy.
+            sub = _effective_component(root, key, int(done.rsplit(".", 1)[-1]))
+        if isinstance(sub, str):
+            sub = {"kind": sub}
+        if sub is not None:
+            node[key] = sub
+        _descend(sub, f"component:{_COMPONENT_FIELDS[key]}", rest, value, path, root)
+    elif key in ("defaults", "head"):
+        _descend(node.setdefault(key, {}), key, rest, value, path, root)
+    elif key == "lineage":
+        raise OverrideError(path, "lineage is recorded by hfactory, not set by hand")
+    else:
+        raise OverrideError(".".join([path, *rest]), f"{key!r} is a value, not a mapping")
+
+
+def with_changes(spec: EncoderSpec, changes: Mapping[str, Any], *, record: bool = True) -> EncoderSpec:
+    """A copy of ``spec`` with the values at the given dotted paths replaced.
+
+    Args:
+        spec: the base spec.
+        changes: ``{path: value}``, applied in order; ``stages.*.x`` changes every stage.
+            Setting a component's ``kind`` replaces the component (its old options are dropped).
+        record: add the changes to ``lineage`` (base name and path -> value).
+
+    Raises:
+        OverrideError: a path that matches nothing (names the path and the valid keys).
+        pydantic.ValidationError: a value of the wrong type (located, as for a hand-written spec).
+    """
+    data = spec.model_dump(mode="json", exclude_none=True)
+    for path, value in changes.items():
+        tokens = str(path).split(".")
+        if not all(tokens):
+            raise OverrideError(str(path), "empty path component")
+        _descend(data, "spec", tokens, value, "")
+    if record:
+        lineage = dict(data.get("lineage") or {})
+        lineage.setdefault("base", spec.name)
+        lineage["changes"] = {**lineage.get("changes", {}), **{str(k): v for k, v in changes.items()}}
+        data["lineage"] = lineage
+    return EncoderSpec.model_validate(data)
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """``"stages.2.depth=9"`` -> ``("stages.2.depth", 9)``; the value is parsed as YAML (safely),
+    so ``true``, ``[7, 7]`` and ``{kind: pooling}`` work, and number-like strings (``1e-5``)
+    become floats.
+
+    Raises:
+        ValueError: no ``=`` in ``text``, or a value that is not valid YAML.
+    """
+    from .io import load_yaml
+
+    path, sep, raw = text.partition("=")
+    if not sep or not path.strip():
+        raise ValueError(f"{text!r}: expected PATH=VALUE, e.g. stages.2.depth=9")
+    value = load_yaml(raw) if raw.strip() else None
+    if isinstance(value, str):
+        # YAML 1.1 reads 1e-5 (no dot) as a string; on a command line it means a number.
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return path.strip(), value
+
+
+class ScalingRule(StrictModel):
+    """Derive a size of a family from a base spec.
+
+    ``depth_multiplier`` and ``width_multiplier`` are one number or one per stage; depths round
+    to the nearest integer (at least 1); widths round to the nearest multiple of
+    ``width_divisor`` (default: the stage's head dimension with ``heads: keep_dim_head``, else 8).
+    ``heads``: ``keep_dim_head`` (heads follow the width: MetaFormer, Swin) or ``keep_num_heads``
+    (the head count stays, times ``head_multiplier``: Hiera's B+/L/H).
+    """
+
+    depth_multiplier: Union[float, list[float]] = Field(1.0, description="per-stage or global")
+    width_multiplier: Union[float, list[float]] = Field(1.0, description="per-stage or global")
+    width_divisor: Optional[int] = Field(None, ge=1)
+    heads: Literal["keep_dim_head", "keep_num_heads"] = "keep_dim_head"
+    head_multiplier: float = Field(1.0, gt=0)
+
+    def per_stage(self, value, n: int, field: str) -> list[float]:
+        values = value if isinstance(value, list) else [value] * n
+        if len(values) != n:
+            raise OverrideError(field, f"{len(values)} values for {n} stages; give one number or one per stage")
+        if any(v <= 0 for v in values):
+            raise OverrideError(field, "multipliers must be > 0")
+        return [float(v) for v in values]
+
+
+def scale(spec: EncoderSpec, rule: Union[ScalingRule, Mapping[str, Any]], name: Optional[str] = None) -> EncoderSpec:
+    """Apply a :class:`ScalingRule` to ``spec`` and return the new spec (lineage recorded).
+
+    Each stage gets explicit ``embedding``, ``depth`` and, where its mixer uses heads,
+    ``num_heads``.
+
+    Raises:
+        OverrideError: multipliers of the wrong length or <= 0, a width that rounds to 0, heads
+            that no longer divide the width (the path and the numbers are named).
+        PlanError: the scaled spec does not plan.
+    """
+    from ..plan import resolve
+
+    rule = rule if isinstance(rule, ScalingRule) else ScalingRule.model_validate(rule)
+    plan = resolve(spec)
+    n = len(spec.stages)
+    depth_m = rule.per_stage(rule.depth_multiplier, n, "depth_multiplier")
+    width_m = rule.per_stage(rule.width_multiplier, n, "width_multiplier")
+    data = spec.model_dump(mode="json", exclude_none=True)
+    for i, (stage, sp) in enumerate(zip(data["stages"], plan.stages)):
+        stage["depth"] = max(1, round(sp.depth * depth_m[i]))
+        if sp.num_heads is not None and rule.heads == "keep_num_heads":
+            heads = max(1, round(sp.num_heads * rule.head_multiplier))
+            divisor = rule.width_divisor or heads
+        else:
+            heads = None
+            divisor = rule.width_divisor or sp.dim_head or 8
+        width = round(sp.out_chs * width_m[i] / divisor) * divisor
+        if width < 1:
+            raise OverrideError(f"stages.{i}.embedding", f"{sp.out_chs} x {width_m[i]} rounds to 0 at a multiple of "
+                                f"{divisor}; use a larger width_multiplier or a smaller width_divisor")
+        stage["embedding"] = width
+        if sp.num_heads is not None:
+            if heads is None:
+                if width % sp.dim_head:
+                    raise OverrideError(f"stages.{i}.embedding", f"width {width} is not a multiple of the head "
+                                        f"dimension {sp.dim_head}; set width_divisor to {sp.dim_head}")
+                heads = width // sp.dim_head
+            if width % heads:
+                raise OverrideError(f"stages.{i}.num_heads", f"{heads} heads do not divide width {width}; "
+                                    f"set width_divisor to a multiple of {heads}")
+            stage["num_heads"] = heads
+            stage.pop("dim_head", None)
+    if name is not None:
+        data["name"] = name
+    lineage = dict(data.get("lineage") or {})
+    lineage.setdefault("base", spec.name)
+    lineage["rule"] = rule.model_dump(mode="json")
+    data["lineage"] = lineage
+    scaled = EncoderSpec.model_validate(data)
+    resolve(scaled)
+    return scaled
