@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
+import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -10,18 +13,44 @@ from .layers.block import Block
 from .layers.layout import grid_to_units
 from .plan import Plan, StagePlan
 
-__all__ = ["build_component", "build_stages", "Stage"]
+__all__ = ["build_component", "build_stages", "Stage", "PerUnit"]
 
 
 def build_component(slot: str, resolved: dict) -> nn.Module:
-    """Build one component from its plan entry (``{"kind": name, **kwargs}``)."""
+    """Build one component from its plan entry (``{"kind": name, **kwargs}``); an entry the plan
+    marked ``per_unit`` (a grid component in the units layout) is wrapped in :class:`PerUnit`."""
     kwargs = dict(resolved)
-    return registry.get(slot, kwargs.pop("kind")).build(**kwargs)
+    per_unit = kwargs.pop("per_unit", False)
+    module = registry.get(slot, kwargs.pop("kind")).build(**kwargs)
+    return PerUnit(module) if per_unit else module
+
+
+class PerUnit(nn.Module):
+    """Runs a grid component ``(B, H, W, C)`` inside each mask unit of the units layout
+    ``(B, U, uh, uw, C)``: the units are folded into the batch, ``(B*U, uh, uw, C)``, and unfolded
+    after. The plan only asks for it when the component reads nothing outside its unit (unshifted
+    windows tiling the unit, non-overlapping strided convs, patch merging; see
+    :func:`hfactory.plan.crosses_units`), so the result equals the component on the whole grid.
+    The wrapped module's parameters are under ``inner.``."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 5:
+            return self.inner(x)
+        y = self.inner(x.flatten(0, 1))
+        return y.unflatten(0, x.shape[:2])
 
 
 class Stage(nn.Module):
-    """``downsample -> pos_embed -> [grid to units] -> blocks``: ``(B, H, W, C_in)`` (or units) to
-    ``(B, H', W', C_out)`` (or units ``(B, U, uh', uw', C_out)``)."""
+    """``downsample -> pos_embed -> [grid to units [-> keep units]] -> blocks``: ``(B, H, W, C_in)``
+    (or units) to ``(B, H', W', C_out)`` (or units ``(B, U, uh', uw', C_out)``).
+
+    ``keep`` (stage 0 of a units plan only): a bool ``(B, U)`` mask of the units to keep, the same
+    number ``K`` per sample; the others are deleted right after the grid is cut into units, so the
+    blocks see ``(B, K, uh, uw, C)`` and cost what ``K`` units cost (sparse MAE)."""
 
     def __init__(self, plan: StagePlan):
         super().__init__()
@@ -37,11 +66,17 @@ class Stage(nn.Module):
             for b, rate in zip(plan.blocks, plan.drop_path)
         ])
         self.grad_checkpointing = False
+        # att0's clusters, appended after the tokens for the blocks to update (plan.carry)
+        self.carry = build_component("downsample", plan.carry) if plan.carry is not None else None
 
-    def forward(self, x):
+    def forward(self, x, keep: Optional[torch.Tensor] = None):
         x = self.pos_embed(self.downsample(x))
+        if self.carry is not None:
+            x = self.carry(x)
         if self.unit_size is not None:
             x = grid_to_units(x, self.unit_size)
+            if keep is not None:
+                x = x[keep].unflatten(0, (x.shape[0], -1))  # kept units, in ascending unit order
         if self.grad_checkpointing and x.requires_grad:
             for block in self.blocks:
                 x = checkpoint(block, x, use_reentrant=False)

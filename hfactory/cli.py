@@ -36,11 +36,43 @@ class QuietAbort(Exception):
 __all__ = ["main", "build_parser"]
 
 
-def _load(spec_arg: str):
-    """The validated spec of a command-line argument: a YAML/JSON path, else a preset name."""
+def _load(spec_arg, sets: list[str] | None = None):
+    """The validated spec of a command-line argument (a YAML/JSON path, else a preset name; an
+    already loaded spec passes through), with ``--set PATH=VALUE`` overrides applied."""
     from .presets import resolve_spec_arg
+    from .spec.model import EncoderSpec
+    from .spec.variants import parse_assignment
 
-    return resolve_spec_arg(spec_arg)
+    spec = spec_arg if isinstance(spec_arg, EncoderSpec) else resolve_spec_arg(spec_arg)
+    if sets:
+        spec = spec.with_changes(dict(parse_assignment(s) for s in sets))
+    return spec
+
+
+def add_spec_argument(p: argparse.ArgumentParser) -> None:
+    """The SPEC positional and ``--set PATH=VALUE`` (repeatable), for every command taking a spec."""
+    p.add_argument("spec", help="spec YAML path or preset name")
+    p.add_argument("--set", action="append", metavar="PATH=VALUE", default=None,
+                   help="override a spec field by dotted path, e.g. --set stages.2.depth=9 --set "
+                   "'stages.*.token_mixer.kind=attention' (repeatable; values are YAML)")
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """One row per variant of the --grid combinations (params, GMACs, activations, tokens)."""
+    from .sweep import format_sweep, parse_grid, sweep, write_variants
+
+    if not args.grid:
+        raise ValueError("give at least one --grid PATH=V1,V2,... (e.g. --grid stages.2.depth=6,9,12)")
+    grid = dict(parse_grid(g) for g in args.grid)
+    rows = sweep(_load(args.spec), grid, batch=args.batch)
+    if args.json:
+        print(json.dumps([{k: v for k, v in r.items() if k != "spec"} for r in rows], indent=2))
+    else:
+        print(format_sweep(rows))
+    if args.out:
+        paths = write_variants(rows, Path(args.out))
+        print(f"wrote {len(paths)} variant specs to {args.out}", file=sys.stderr)
+    return 0
 
 
 def _img_size(values: list[int] | None) -> tuple[int, int] | None:
@@ -121,10 +153,23 @@ def build_parser() -> argparse.ArgumentParser:
         "(FlopCounterMode FLOPs/2 with math attention: conv and matmuls, as timm reports) and the activation "
         "memory of a training forward of --batch images (bytes of the distinct tensors autograd saves for "
         "backward, parameters excluded; fused attention). Then the head and the totals.")
-    p.add_argument("spec", help="spec YAML path or preset name")
+    add_spec_argument(p)
     p.add_argument("--batch", type=int, default=1, help="images for the activation-memory estimate (default: 1)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser(
+        "sweep", help="variants of a spec from a grid of changes, measured on the meta device",
+        description="Every combination of the --grid values is a variant (keys: spec paths, '*' for every "
+        "stage, or depth_scale / embedding_scale for the scaling rule's multipliers). Prints one row per "
+        "variant: parameters, GMACs, activation memory (as `summary`) and tokens per stage; --out DIR "
+        "writes each variant's YAML, with its lineage.")
+    add_spec_argument(p)
+    p.add_argument("--grid", action="append", metavar="PATH=V1,V2", help="values of one key (repeatable)")
+    p.add_argument("--batch", type=int, default=1, help="images for the activation-memory estimate (default: 1)")
+    p.add_argument("--out", help="directory for the variants' YAML files")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("presets", help="list the preset names, one per line")
     p.add_argument("--pattern", help="shell wildcard filter, e.g. 'caformer*'")
@@ -141,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         "which goes first. Prints images/s (median) of both and the speed ratio hfactory/reference (the "
         "median over rounds of reference time / hfactory time; > 1 means hfactory is faster). --train times "
         "forward + cross-entropy + backward steps instead of inference.")
-    p.add_argument("spec", help="spec YAML path or preset name")
+    add_spec_argument(p)
     p.add_argument("--vs", metavar="timm:NAME", help="reference: timm.create_model(NAME, pretrained=False, "
                    "num_classes=<the spec's>)")
     p.add_argument("--batch", type=int, default=8, help="images per call (default: 8)")
@@ -175,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit status (see the module docstring)."""
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "set", None):  # --set applies to every command that takes a spec
+            args.spec = _load(args.spec, args.set)
         return args.func(args)
     except QuietAbort as err:  # another process of a torchrun job failed and rank 0 printed why
         return err.status

@@ -5,12 +5,18 @@ every architecture hfactory builds, where timm's models disagree:
 
 - ``forward_features`` returns the final map as NCHW ``(B, C, H, W)``, always.
 - ``forward_intermediates`` returns NCHW (or NHWC with ``output_fmt='NHWC'``) for every stage;
+  a stage in the ``seq`` layout (no 2-D structure: HVT's 1-D pooling, greedy merging) returns its
+  ``N`` tokens as an ``N x 1`` map ``(B, C, N, 1)``, the grid its plan records;
   ``norm=True`` applies the final norm (channel-wise) to the last stage's map; ``stop_early``
   defaults to False.
 - ``feature_info`` modules are real module paths (``stages.i``).
 - ``no_weight_decay`` lists every position embedding / table parameter by its full name.
 - ``reset_classifier`` and ``prune_intermediate_layers`` keep ``.spec`` and ``.plan`` true, so a
   pruned or re-headed model saves and reloads.
+- Sparse masked forward (MAE, :mod:`hfactory.mae`): ``forward_features(x, mask=keep)`` and
+  ``forward_intermediates(x, mask=keep)`` with a bool ``(B, U)`` mask over the mask units (True =
+  keep, Hiera's convention) delete the masked units after stage 0 and return the kept units'
+  features in the units layout ``(B, K, uh, uw, C)``.
 """
 
 from __future__ import annotations
@@ -136,20 +142,90 @@ class HierarchicalEncoder(nn.Module):
         return self.norm(x)
 
     def _as_grid(self, x: torch.Tensor, i: int, image_hw: tuple[int, int]) -> torch.Tensor:
-        """Stage ``i``'s tokens as a ``(B, H, W, C)`` grid (units are put back in place)."""
+        """Stage ``i``'s tokens as a ``(B, H, W, C)`` grid (units are put back in place; a ``seq``
+        stage's ``(B, N, C)`` becomes the ``(B, N, 1, C)`` grid its plan records)."""
         if x.ndim == 4:
             return x
+        carry = getattr(self.stages[i], "carry", None) if i < len(self.stages) else None
+        if carry is not None:  # att0's clusters ride after the grid's tokens: drop them
+            return carry.strip(x)
+        if x.ndim == 3:
+            return x.unsqueeze(2)
         r = self.plan.stages[i].reduction
         return units_to_grid(x, (image_hw[0] // r, image_hw[1] // r))
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def num_mask_units(self, img_size: Optional[tuple[int, int]] = None) -> int:
+        """Mask units of an image of ``img_size`` (default: the spec's), i.e. the length of a
+        ``mask`` row. Raises ``ValueError`` for a spec without ``mask_unit_size``."""
+        plan = self.plan if img_size is None or tuple(img_size) == self.plan.img_size else resolve(self.spec, img_size)
+        if plan.mask_unit_size is None:
+            raise ValueError(f"{self.spec.name or 'this spec'} has no mask_unit_size, so it has no mask units")
+        (h, w), (uh, uw) = plan.stages[0].out_grid, plan.mask_unit_size
+        return (h // uh) * (w // uw)
+
+    def _check_mask(self, mask: torch.Tensor, x: torch.Tensor) -> None:
+        """Raise ValueError naming what is wrong with a sparse-forward ``mask`` for images ``x``."""
+        verdict = resolve(self.spec, tuple(x.shape[2:])).mae_incompatibility
+        if verdict is not None:
+            raise ValueError(f"a masked (sparse MAE) forward needs a spec whose components stay inside mask units; "
+                             f"{self.spec.name or 'this spec'} is not MAE-compatible: {verdict}")
+        units = self.num_mask_units(tuple(x.shape[2:]))
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            what = f"dtype {mask.dtype}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"mask must be a bool tensor (True = keep the mask unit), got {what}")
+        if tuple(mask.shape) != (x.shape[0], units):
+            raise ValueError(f"mask must have shape (batch, mask units) = ({x.shape[0]}, {units}) for "
+                             f"{x.shape[2]}x{x.shape[3]} images, got {tuple(mask.shape)}")
+        if torch.compiler.is_compiling():
+            return
+        kept = mask.sum(dim=1)
+        if kept.numel() and (kept.min() != kept.max() or int(kept.min()) == 0):
+            raise ValueError(f"mask must keep the same number (>= 1) of mask units in every sample; it keeps "
+                             f"{kept.tolist()}")
+
+    def _masked_stem_input(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Zero the pixels of dropped units in channels-last images ``(B, H, W, C)``, so that an
+        overlapping patch embedding cannot carry them into kept tokens (Hiera's do_masked_conv)."""
+        b, h, w, _ = x.shape
+        plan = resolve(self.spec, (h, w)) if (h, w) != self.plan.img_size else self.plan
+        (gh, gw), (uh, uw) = plan.stages[0].out_grid, plan.mask_unit_size
+        nh, nw = gh // uh, gw // uw
+        m = mask.view(b, nh, 1, nw, 1, 1).expand(b, nh, h // nh, nw, w // nw, 1).reshape(b, h, w, 1)
+        return x * m.to(x.dtype)
+
+    def _stage(self, i: int, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Stage ``i`` on ``x``; stage 0 of a sparse forward zeroes masked pixels and drops units."""
+        if mask is None:
+            return self.stages[i](x)
+        if i == 0:
+            return self.stages[0](self._masked_stem_input(x, mask), mask)
+        return self.stages[i](x)
+
+    def forward_features(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``(B, in_chans, H, W)`` images -> final map ``(B, num_features, H/r, W/r)`` (NCHW),
-        normed if ``spec.head_norm_first``."""
+        normed if ``spec.head_norm_first``.
+
+        With ``mask`` (bool ``(B, U)`` over the mask units, row-major; True = keep; the same number
+        ``K >= 1`` kept in every sample), the sparse forward of MAE pretraining: masked pixels are
+        zeroed before the patch embedding, the masked units are deleted after stage 0 (not zeroed:
+        later stages cost what ``K`` units cost, global attention runs over the kept tokens only),
+        and the result is the kept units' final features in the units layout
+        ``(B, K, uh, uw, num_features)`` (units in ascending index order; ``(uh, uw)`` is the last
+        stage's ``unit_size``).
+
+        Raises:
+            ValueError: a ``mask`` of the wrong shape or dtype, keeping different counts per
+                sample or none, or a spec that is not MAE-compatible (``plan.mae_incompatibility``).
+        """
         self._check_input(x)
+        if mask is not None:
+            self._check_mask(mask, x)
         image_hw = tuple(x.shape[2:])
         x = x.permute(0, 2, 3, 1)
-        for stage in self.stages:
-            x = stage(x)
+        for i in range(len(self.stages)):
+            x = self._stage(i, x, mask)
+        if mask is not None:
+            return self._final_norm_map(x) if self.spec.head_norm_first else x
         x = self._as_grid(x, len(self.stages) - 1, image_hw)
         if self.spec.head_norm_first:
             x = self._final_norm_map(x)
@@ -170,7 +246,7 @@ class HierarchicalEncoder(nn.Module):
 
     def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, list[int]]] = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
-                              intermediates_only: bool = False):
+                              intermediates_only: bool = False, mask: Optional[torch.Tensor] = None):
         """timm's ``forward_intermediates``: per-stage maps.
 
         Args:
@@ -180,31 +256,44 @@ class HierarchicalEncoder(nn.Module):
             stop_early: skip stages after the last requested one.
             output_fmt: ``'NCHW'`` or ``'NHWC'``.
             intermediates_only: return only the list.
+            mask: bool ``(B, U)`` keep-mask of the sparse MAE forward (see ``forward_features``);
+                every stage's map is then the kept units ``(B, K, uh_i, uw_i, C_i)``, whatever
+                ``output_fmt`` says, and ``final`` is ``forward_features(x, mask)``.
 
         Returns:
             ``list[Tensor]`` if ``intermediates_only`` else ``(final, list[Tensor])`` where
             ``final`` is what ``forward_features`` returns (NCHW) when all stages ran.
 
         Raises:
-            ValueError: bad ``output_fmt`` or out-of-range ``indices``.
+            ValueError: bad ``output_fmt``, out-of-range ``indices`` or a bad ``mask`` (see
+                ``forward_features``).
         """
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt {output_fmt!r}: valid are 'NCHW' and 'NHWC'")
         take, max_index = feature_take_indices(len(self.stages), indices)
         self._check_input(x)
+        if mask is not None:
+            self._check_mask(mask, x)
         image_hw = tuple(x.shape[2:])
-        x = x.permute(0, 2, 3, 1)
         last = len(self.stages) - 1
         stages = self.stages[: max_index + 1] if stop_early else self.stages
         intermediates = []
-        for i, stage in enumerate(stages):
-            x = stage(x)
+        x = x.permute(0, 2, 3, 1)
+        for i in range(len(stages)):
+            x = self._stage(i, x, mask)
+            if mask is not None:
+                if i in take:
+                    intermediates.append(self._final_norm_map(x) if norm and i == last else x)
+                continue
             if i in take:
                 y = self._as_grid(x, i, image_hw)
                 y = self._final_norm_map(y) if norm and i == last else y
                 intermediates.append(y.permute(0, 3, 1, 2) if output_fmt == "NCHW" else y)
         if intermediates_only:
             return intermediates
+        if mask is not None:
+            normed = self.spec.head_norm_first and len(stages) == len(self.stages)
+            return (self._final_norm_map(x) if normed else x), intermediates
         x = self._as_grid(x, len(stages) - 1, image_hw)
         if self.spec.head_norm_first and len(stages) == len(self.stages):
             x = self._final_norm_map(x)

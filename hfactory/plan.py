@@ -19,16 +19,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from functools import lru_cache
 from typing import Optional
 
 from pydantic import BaseModel, ConfigDict
 
-from .spec.base import PlanError
+from .spec.base import MAX_SIZE, PlanError
 from .spec.components import ComponentParams, StageContext
 from .spec.model import EncoderSpec, StageDefaults, StageSpec
 
-__all__ = ["Plan", "StagePlan", "BlockPlan", "resolve", "LIBRARY_DEFAULTS", "PlanError"]
+__all__ = ["Plan", "StagePlan", "BlockPlan", "resolve", "LIBRARY_DEFAULTS", "PlanError", "mae_verdict",
+           "crosses_units", "MAX_SIZE", "MAX_BLOCKS"]
+
+#: The most blocks (all stages together) a plan accepts; the deepest published ViTs have ~50.
+MAX_BLOCKS = 1024
 
 #: Values used for a stage field that neither the stage nor ``spec.defaults`` sets.
 LIBRARY_DEFAULTS = StageDefaults.model_validate({
@@ -63,7 +68,9 @@ class BlockPlan(BaseModel):
 
 class StagePlan(BaseModel):
     """One stage, fully resolved. Grids are ``(H, W)`` in tokens; ``reduction`` is the total
-    stride from the image in pixels; ``unit_size`` the mask unit in tokens (``units`` layout);
+    stride from the image in pixels; in the ``seq`` layout (no 2-D structure, e.g. after HVT's 1-D
+    pooling) the grid is ``(N, 1)`` and ``reduction`` is ``round(sqrt(image pixels / N))``;
+    ``unit_size`` the mask unit in tokens (``units`` layout);
     component entries are the builders' keyword arguments (``token_mixer`` and ``norm`` are the
     stage's own; ``blocks`` holds each block's)."""
 
@@ -91,6 +98,10 @@ class StagePlan(BaseModel):
     feedforward: dict
     norm: dict
     blocks: tuple[BlockPlan, ...]
+    #: Extra tokens the blocks carry after the grid's (att0's clusters, made by the next stage's
+    #: downsampler's plan): the builder's entry, or None. The stage then outputs
+    #: ``(B, H*W + K, C)``; intermediates strip the K carried tokens.
+    carry: Optional[dict] = None
 
 
 class Plan(BaseModel):
@@ -118,6 +129,17 @@ class Plan(BaseModel):
     @property
     def num_blocks(self) -> int:
         return sum(s.depth for s in self.stages)
+
+    @property
+    def mae_incompatibility(self) -> Optional[str]:
+        """Why sparse MAE cannot run this plan (``"<spec location>: <reason>"``, naming the first
+        offending stage and component), or None; see :func:`mae_verdict` for the rule."""
+        return mae_verdict(self)
+
+    @property
+    def mae_compatible(self) -> bool:
+        """True when sparse masked-autoencoder pretraining can drop mask units (:func:`mae_verdict`)."""
+        return mae_verdict(self) is None
 
     def to_json(self, indent: int = 2) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=indent)
@@ -156,6 +178,8 @@ def _describe_mixer(s: StagePlan) -> str:
     shifts = "/".join(dict.fromkeys(str(b.token_mixer["shift_size"][0]) for b in s.blocks))
     pad = m.get("padded_grid")
     pad = "" if pad is None or list(pad) == list(s.out_grid) else f" pad {pad[0]}x{pad[1]}"
+    if m.get("per_unit"):  # run inside each mask unit (see _in_units): the unit is its grid
+        pad = " in units"
     return f"{m['kind']} {m['window_size'][0]}x{m['window_size'][1]} shift {shifts}{pad}"
 
 
@@ -190,10 +214,16 @@ def _heads(loc: str, dim: int, stage: StageSpec, defaults: StageDefaults) -> tup
     raise AssertionError("LIBRARY_DEFAULTS sets dim_head")
 
 
-def _check_layout(component: ComponentParams, layout: str, loc: str) -> None:
+def _check_layout(component: ComponentParams, layout: str, loc: str, seq_from: Optional[str] = None) -> None:
+    if layout == "units" and "units" not in component.accepts and "grid" in component.accepts:
+        return  # may run inside each mask unit; _in_units decides once the component is resolved
     if layout not in component.accepts:
+        why = ""
+        if layout == "seq" and seq_from:
+            why = (f" (a flat sequence without 2-D structure since {seq_from}; only components that accept "
+                   "seq tokens, such as attention, mlp, layernorm, max_pool_1d or learned_1d, can follow it)")
         raise PlanError(loc, f"{component.kind!r} works on {' or '.join(sorted(component.accepts))} tokens, "
-                        f"but this stage's tokens are in the {layout!r} layout")
+                        f"but this stage's tokens are in the {layout!r} layout{why}")
 
 
 def resolve(spec: EncoderSpec, img_size: Optional[tuple[int, int]] = None) -> Plan:
@@ -212,6 +242,7 @@ def resolve(spec: EncoderSpec, img_size: Optional[tuple[int, int]] = None) -> Pl
         PlanError: the spec cannot be built; ``err.loc`` is the spec path
             (e.g. ``stages.1.downsample.stride``) and the message says what would be valid.
     """
+    _check_bounds(spec, tuple(img_size) if img_size else spec.img_hw)  # first: the cache key is JSON
     return _resolve_cached(spec.model_dump_json(), tuple(img_size) if img_size else None)
 
 
@@ -221,11 +252,40 @@ def _resolve_cached(spec_json: str, img_size: Optional[tuple[int, int]]) -> Plan
     return _resolve(spec, img_size or spec.img_hw)
 
 
+def _check_bounds(spec: EncoderSpec, img_size: tuple[int, int]) -> None:
+    """Refuse sizes no model needs before anything loops over them or allocates them: every
+    integer the spec sets at most :data:`MAX_SIZE` (``seq_len``, a token count, at most its square),
+    every image side too, and at most :data:`MAX_BLOCKS` blocks in all."""
+    def walk(node, loc):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{loc}.{key}" if loc else str(key))
+        elif isinstance(node, (list, tuple)):
+            for i, value in enumerate(node):
+                walk(value, f"{loc}.{i}" if isinstance(value, (dict, list, tuple)) else loc)
+        elif isinstance(node, int) and not isinstance(node, bool):
+            limit = MAX_SIZE ** 2 if loc.endswith(".seq_len") else MAX_SIZE
+            if abs(node) > limit:
+                shown = str(node) if node.bit_length() < 64 else f"a {int(node.bit_length() * 0.30103) + 1}-digit number"
+                raise PlanError(loc, f"{shown} is larger than {limit}, the largest the plan accepts here (a sanity "
+                                "bound far above any published model)")
+
+    walk(spec.model_dump(mode="json"), "")
+    if max(img_size) > MAX_SIZE:
+        raise PlanError("img_size", f"{img_size[0]}x{img_size[1]} pixels: sides above {MAX_SIZE} are refused")
+    total = 0
+    for i, stage in enumerate(spec.stages):
+        total += _pick(stage, spec.defaults, "depth")
+        if total > MAX_BLOCKS:
+            where = f"stages.{i}.depth" if stage.depth is not None or spec.defaults.depth is None else "defaults.depth"
+            raise PlanError(where, f"stages 0-{i} have {total} blocks; a plan has at most {MAX_BLOCKS}")
+
+
 def _resolve(spec: EncoderSpec, img_size: tuple[int, int]) -> Plan:
     grid, chs, layout, unit = tuple(img_size), spec.in_chans, "grid", None
     total = sum(_pick(s, spec.defaults, "depth") for s in spec.stages)
     rates = [spec.drop_path_rate * i / (total - 1) if total > 1 else 0.0 for i in range(total)]
-    stages, block, prev_mixer = [], 0, None
+    stages, block, prev_mixer, seq_from, sizes_from = [], 0, None, None, None
     for i, stage in enumerate(spec.stages):
         loc = f"stages.{i}"
         dim = stage.embedding
@@ -235,24 +295,37 @@ def _resolve(spec: EncoderSpec, img_size: tuple[int, int]) -> Plan:
         if i == 0 and (ds.kind == "none" or ds.fused) and chs != dim:
             raise PlanError(f"{loc}.downsample", f"stage 0 needs a patch embedding from {chs} image channels "
                             f"to embedding {dim}; use e.g. {{kind: conv, patch_size: 4}}")
-        _check_layout(ds, layout, f"{loc}.downsample")
+        _check_layout(ds, layout, f"{loc}.downsample", seq_from)
+        if getattr(ds, "prepares_previous_stage", False):  # att0: clusters travel through the previous stage
+            if not stages:
+                raise PlanError(f"{loc}.downsample", f"{ds.kind!r} prepares clusters in the previous stage's blocks, "
+                                "so it cannot start stage 0; use it from stage 1 on")
+            stages[-1] = ds.prepare_previous_stage(stages[-1], f"stages.{i - 1}", f"{loc}.downsample")
+        if ds.produces == "seq" and layout != "seq":  # e.g. HVT's 1-D pooling: no 2-D grid after it
+            seq_from = f"{loc}.downsample ({ds.kind})"
         out_grid = tuple(ds.out_grid(grid, f"{loc}.downsample"))
         if min(out_grid) < 1:
             raise PlanError(f"{loc}.downsample", f"reduces the grid {grid} to {out_grid}; use a smaller stride "
                             "or a larger img_size")
         ds_resolved = ds.resolve(chs, dim, grid, f"{loc}.downsample")
+        if getattr(ds, "emits_token_sizes", False):  # merged tokens (geme, att0) carry sizes from here on
+            ds_resolved = {**ds_resolved, "token_sizes_in": sizes_from is not None}
+            sizes_from = f"{loc}.downsample"
+        elif ds.kind != "none":
+            sizes_from = None  # any other downsampler makes new tokens, without sizes
         q_stride = ds.stride_hw if ds.fused else None
         in_unit = unit
         if unit is not None:
+            ds_resolved = _in_units("downsample", ds, ds_resolved, f"{loc}.downsample", layout, in_unit, grid)
             unit = _shrink_unit(unit, grid, out_grid, f"{loc}.downsample")
         pos = _pick(stage, spec.defaults, "pos_embed")
         # The position embedding is added right after the downsampler, before stage 0's
         # conversion to mask units, so it sees the layout the downsampler produces.
         pos_layout = ds.produces if layout == "grid" else layout
-        _check_layout(pos, pos_layout, f"{loc}.pos_embed")
-        if i == 0:
+        _check_layout(pos, pos_layout, f"{loc}.pos_embed", seq_from)
+        if i == 0 or ds.produces == "seq":
             layout = ds.produces
-            if spec.mask_unit_size is not None:
+            if i == 0 and spec.mask_unit_size is not None:
                 unit = _first_unit(spec.mask_unit_hw, out_grid)
                 layout = "units"
         seq_len = out_grid[0] * out_grid[1]
@@ -263,32 +336,37 @@ def _resolve(spec: EncoderSpec, img_size: tuple[int, int]) -> Plan:
                             f"{out_grid[0]}x{out_grid[1]} = {seq_len} tokens; use {seq_len} or leave it unset")
 
         mixer = _pick(stage, spec.defaults, "token_mixer")
-        _check_layout(mixer, layout, f"{loc}.token_mixer")
+        _check_layout(mixer, layout, f"{loc}.token_mixer", seq_from)
         num_heads, dim_head = _heads(loc, dim, stage, spec.defaults) if mixer.uses_heads else (None, None)
         ffn, norm = (_pick(stage, spec.defaults, k) for k in ("feedforward", "norm"))
         for comp, key in ((ffn, "feedforward"), (norm, "norm")):
-            _check_layout(comp, layout, f"{loc}.{key}")
+            _check_layout(comp, layout, f"{loc}.{key}", seq_from)
         depth = _pick(stage, spec.defaults, "depth")
         ctx = StageContext(loc=f"{loc}.token_mixer", dim=dim, grid=out_grid, layout=layout,
-                           num_heads=num_heads, dim_head=dim_head, unit_size=unit)
-        norm_resolved = norm.resolve(dim, f"{loc}.norm")
-        blocks = [BlockPlan(dim_in=dim, q_stride=None, norm1=norm_resolved, token_mixer=mixer.resolve(
-            dataclasses.replace(ctx, block_index=b))) for b in range(depth)]
+                           num_heads=num_heads, dim_head=dim_head, unit_size=unit,
+                           token_sizes=sizes_from is not None)
+        norm_resolved = _in_units("norm", norm, norm.resolve(dim, f"{loc}.norm"), f"{loc}.norm", layout, unit,
+                                  out_grid)
+        blocks = [BlockPlan(dim_in=dim, q_stride=None, norm1=norm_resolved, token_mixer=_mixer_entry(
+            mixer, dataclasses.replace(ctx, block_index=b))) for b in range(depth)]
         if ds.fused:
             blocks[0] = _fused_first_block(ds, mixer, prev_mixer, stage, spec, loc, dim, chs, grid, in_unit,
                                            layout, q_stride)
         layer_scale = _pick(stage, spec.defaults, "layer_scale")
         stages.append(StagePlan(
             index=i, layout=layout, unit_size=unit, in_grid=grid, out_grid=out_grid, seq_len=seq_len, in_chs=chs,
-            out_chs=dim, reduction=img_size[0] // out_grid[0], depth=depth, num_heads=num_heads,
+            out_chs=dim, reduction=_reduction(img_size, out_grid, layout), depth=depth, num_heads=num_heads,
             dim_head=dim_head, residual_norm_style=_pick(stage, spec.defaults, "residual_norm_style"),
             layer_scale=None if layer_scale is False else float(layer_scale),
             res_scale=_pick(stage, spec.defaults, "res_scale"),
             drop_path=tuple(rates[block:block + depth]),
             downsample=ds_resolved,
-            pos_embed=pos.resolve(StageContext(f"{loc}.pos_embed", dim, out_grid, pos_layout, unit_size=unit)),
-            token_mixer=mixer.resolve(ctx),
-            feedforward=ffn.resolve(dim, f"{loc}.feedforward"),
+            pos_embed=_in_units("pos_embed", pos, pos.resolve(StageContext(
+                f"{loc}.pos_embed", dim, out_grid, pos_layout, unit_size=unit)), f"{loc}.pos_embed", pos_layout,
+                unit, out_grid),
+            token_mixer=_mixer_entry(mixer, ctx),
+            feedforward=_in_units("feedforward", ffn, ffn.resolve(dim, f"{loc}.feedforward"), f"{loc}.feedforward",
+                                  layout, unit, out_grid),
             norm=norm_resolved,
             blocks=tuple(blocks),
         ))
@@ -299,9 +377,18 @@ def _resolve(spec: EncoderSpec, img_size: tuple[int, int]) -> Plan:
         name=spec.name, img_size=tuple(img_size), in_chans=spec.in_chans, num_classes=spec.num_classes,
         global_pool=spec.global_pool, drop_rate=spec.drop_rate,
         head_norm=spec.head_norm.resolve(chs, "head_norm"), head_norm_first=spec.head_norm_first,
-        head=_resolve_head(spec, chs),
+        head={**_resolve_head(spec, chs),
+              **({"token_sizes": True} if sizes_from and spec.global_pool == "avg" else {})},
         attn_backend=spec.attn_backend, mask_unit_size=spec.mask_unit_hw, num_features=chs, stages=tuple(stages),
     )
+
+
+def _reduction(img_size: tuple[int, int], grid: tuple[int, int], layout: str) -> int:
+    """Pixels per token along an axis; for a ``seq`` stage (no 2-D grid; its plan grid is
+    ``(N, 1)``) the side of the square image area per token, ``round(sqrt(H * W / N))``."""
+    if layout == "seq":
+        return max(1, round(math.sqrt(img_size[0] * img_size[1] / (grid[0] * grid[1]))))
+    return img_size[0] // grid[0]
 
 
 def _resolve_head(spec: EncoderSpec, dim: int) -> dict:
@@ -312,6 +399,9 @@ def _resolve_head(spec: EncoderSpec, dim: int) -> dict:
     if hidden < 1:
         raise PlanError("head.hidden_layer_multiplier", f"{head.hidden_layer_multiplier} x width {dim} rounds to "
                         "0 hidden units; use a larger multiplier")
+    if hidden > MAX_SIZE:
+        raise PlanError("head.hidden_layer_multiplier", f"{head.hidden_layer_multiplier} x width {dim} = {hidden} "
+                        f"hidden units, more than the plan's limit {MAX_SIZE}; use a smaller multiplier")
     return {"kind": "mlp", "hidden_features": hidden, "activation": head.activation, "bias": head.bias,
             "norm": head.norm.resolve(hidden, "head.norm")}
 
@@ -328,6 +418,9 @@ def _shrink_unit(unit, grid, out_grid, loc) -> tuple[int, int]:
     """A downsampler on the units layout shrinks each unit by its stride; it must divide."""
     new = []
     for n, m, u in zip(grid, out_grid, unit):
+        if m < 1 or n % m:  # not a whole-stride reduction of this axis (e.g. a 1-D pooling to a sequence)
+            raise PlanError(loc, f"maps the token grid {grid[0]}x{grid[1]} to {out_grid[0]}x{out_grid[1]}, which "
+                            f"does not shrink each mask unit by a whole stride; use a grid downsampler here")
         stride = n // m
         if u % stride:
             raise PlanError(loc, f"stride {stride} does not divide the mask unit's {u} tokens; units would "
@@ -354,3 +447,147 @@ def _fused_first_block(ds, mixer, prev_mixer, stage, spec, loc, dim, dim_in, gri
     norm1 = _pick(stage, spec.defaults, "norm").resolve(dim_in, f"{loc}.norm")
     return BlockPlan(dim_in=dim_in, q_stride=q_stride, norm1=norm1, token_mixer=use.resolve(ctx),
                      expand=getattr(ds, "expand", "proj"))
+
+
+# ------------------------------------------------------------------------ mask units and MAE
+#
+# The rule (DESIGN.md, "sparse MAE is simply keep a subset of U"): the sparse encoder deletes the
+# masked mask units after stage 0 and runs every later component on the kept units only. That is
+# exact -- each kept token is a function of the visible image alone, whichever units were dropped
+# -- when every component from the units onward is one of:
+#
+# 1. token-wise: norms over channels (layernorm), MLPs, identity, no downsampling;
+# 2. unit-local: it reads only tokens of the same mask unit -- mask-unit attention, window
+#    attention whose (unshifted) windows tile the unit, q-pooling and non-overlapping strided
+#    ops (conv with patch_size = stride and no padding, patch merging) whose stride divides the
+#    unit (the plan already refuses strides that do not divide it);
+# 3. a set operation over all kept tokens without positional terms: global attention. Dropped
+#    units are simply absent from the set; this is ViT-MAE's encoder and Hiera's stages 3-4,
+#    and it is exact at any stage (attending globally early costs more, but is not wrong).
+#
+# Everything else mixes a kept token with its spatial neighbours in other units, whose values
+# the sparse encoder does not have: overlapping convolutions and poolings after stage 0 (3x3
+# conv downsampling, PoolFormer pooling, ConvFormer's depthwise conv), Swin's shifted windows and
+# windows larger than the unit, statistics over the whole map (groupnorm), position embeddings
+# laid on the full grid after stage 0, 1-D pooling over the flattened sequence (HVT), and rotary
+# embeddings, whose positions are indices in the flattened sequence and shift when units drop.
+# Stage 0's patch embedding acts on pixels before units exist: an overlapping kernel there is
+# fine because the sparse forward zeroes the masked pixels first (Hiera's do_masked_conv).
+
+def _mixer_entry(mixer: ComponentParams, ctx: StageContext) -> dict:
+    """A block's token mixer entry: resolved on the stage grid, or, for a grid mixer in the units
+    layout that stays inside units, resolved on one unit as its grid (``per_unit``)."""
+    full = mixer.resolve(ctx)
+    if ctx.layout != "units" or "units" in mixer.accepts:
+        return full
+    one_unit = mixer.resolve(dataclasses.replace(ctx, grid=tuple(ctx.unit_size), layout="grid"))
+    return _in_units("token_mixer", mixer, full, ctx.loc, ctx.layout, ctx.unit_size, ctx.grid, one_unit)
+
+
+def _in_units(slot: str, component: ComponentParams, entry: dict, loc: str, layout: str,
+              unit: Optional[tuple[int, int]], grid: tuple[int, int], unit_entry: Optional[dict] = None) -> dict:
+    """A component in the ``units`` layout: its entry as resolved when it accepts units; for a
+    grid component that reads only tokens of its own mask unit (:func:`crosses_units`), the entry
+    with ``per_unit: True`` (the builder runs it on each unit as a separate grid, which gives the
+    same result as on the whole grid); otherwise a :class:`PlanError` saying why not."""
+    if layout != "units" or "units" in component.accepts:
+        return entry
+    reason = crosses_units(slot, entry, unit, grid)
+    if reason is not None:
+        raise PlanError(loc, f"{component.kind!r} works on {' or '.join(sorted(component.accepts))} tokens, but "
+                        f"this stage's tokens are in the 'units' layout (mask units of {unit[0]}x{unit[1]}), and "
+                        f"it cannot run inside each unit: {reason}")
+    return {**(entry if unit_entry is None else unit_entry), "per_unit": True}
+
+
+def crosses_units(slot: str, entry: dict, unit: Optional[tuple[int, int]] = None,
+                  grid: Optional[tuple[int, int]] = None) -> Optional[str]:
+    """Why the resolved component ``entry`` of ``slot`` would mix tokens across mask-unit borders
+    (or use positions that dropping units changes), or None when it is token-wise, unit-local or
+    a position-free set operation (the rule above :func:`_mixer_entry`). ``unit`` and ``grid``
+    (tokens) enable the checks that depend on the unit size; without them only the
+    size-independent checks run. Components this function does not know are compatible when they
+    accept the ``units`` layout (a component that does declares per-unit or set semantics)."""
+    kind = entry["kind"]
+    if slot == "token_mixer":
+        if entry.get("rotary"):
+            return ("rotary embeddings number tokens by their index in the flattened sequence, which changes "
+                    "when mask units are dropped")
+        if kind in ("attention", "mask_unit_attention", "identity"):
+            return None
+        if kind in ("pooling", "sepconv"):
+            k = entry["pool_size" if kind == "pooling" else "kernel_size"]
+            what = "average pooling" if kind == "pooling" else "depthwise conv"
+            return None if k == 1 else f"its {k}x{k} {what} reads neighbouring tokens across mask-unit borders"
+        if kind == "window_attention":
+            if any(entry["shift_size"]):
+                s = entry["shift_size"]
+                return f"shifted windows (shift {s[0]}x{s[1]}) cross mask-unit borders; use shift: false"
+            w = entry["window_size"]
+            if unit is not None and any(u % x for u, x in zip(unit, w)):
+                return (f"windows of {w[0]}x{w[1]} tokens do not tile the {unit[0]}x{unit[1]} mask unit; use a "
+                        "window dividing the unit")
+            if grid is not None and tuple(entry["padded_grid"]) != tuple(grid):
+                return "windows that pad the grid straddle mask units"
+            return None
+    elif slot == "downsample":
+        if kind == "conv":
+            k, s, p = entry["patch_size"], entry["stride"], entry["padding"]
+            if k != s or p:
+                return (f"conv {k}x{k}/s{s}/p{p} reads neighbouring tokens across mask-unit borders; a unit-local "
+                        "conv has patch_size = stride and padding 0")
+            return None
+        if kind in ("patch_merging", "q_pool", "none"):
+            return None
+    elif slot == "norm":
+        if kind in ("layernorm", "identity"):
+            return None
+        if kind == "groupnorm":
+            return "groupnorm normalises over the whole map of a sample, which the sparse encoder does not have"
+    elif slot == "feedforward":
+        if kind == "mlp":
+            return None
+    elif slot == "pos_embed":
+        if kind == "none":
+            return None
+        return (f"a {kind!r} position embedding after stage 0 is laid on the full grid; add position embeddings "
+                "in stage 0, before the mask units")
+    from . import registry
+
+    accepts = registry.get(slot, kind).params.accepts
+    if "units" in accepts:
+        return None
+    return f"{kind!r} works on {' or '.join(sorted(accepts))} tokens and has no per-mask-unit form"
+
+
+def mae_verdict(plan: Plan) -> Optional[str]:
+    """Can sparse MAE pretraining drop masked units of ``plan``'s tokens? None when it can, else
+    ``"<spec location>: <reason>"`` naming the first offending stage and component.
+
+    The rule (comment above :func:`_mixer_entry`): from stage 0's mask units on, every component
+    must be token-wise, unit-local, or global attention without rotary positions; stage 0's
+    downsampler and position embedding run before the units exist (masked pixels are zeroed
+    before the patch embedding). A plan without ``mask_unit_size`` is incompatible (there are no
+    units to drop); its verdict names the first component that would cross units if there were,
+    else the missing ``mask_unit_size``.
+    """
+    for s in plan.stages:
+        loc = f"stages.{s.index}"
+        unit = s.unit_size if s.layout == "units" else None
+        grid = s.out_grid
+        checks = [] if s.index == 0 else [("downsample", s.downsample, f"{loc}.downsample"),
+                                         ("pos_embed", s.pos_embed, f"{loc}.pos_embed")]
+        for j, b in enumerate(s.blocks):
+            where = f" (block {j})" if s.depth > 1 else ""
+            checks += [("norm", b.norm1, f"{loc}.norm"), ("token_mixer", b.token_mixer, f"{loc}.token_mixer{where}")]
+        checks += [("feedforward", s.feedforward, f"{loc}.feedforward"), ("norm", s.norm, f"{loc}.norm")]
+        for slot, entry, where in checks:
+            if entry.get("per_unit"):
+                continue  # resolve() checked it on the whole grid before cutting it to one unit
+            reason = crosses_units(slot, entry, unit, grid if unit is not None else None)
+            if reason is not None:
+                return f"{where}: {entry['kind']} -- {reason}"
+    if plan.mask_unit_size is None:
+        return ("mask_unit_size: not set, so the tokens are never cut into mask units that MAE could drop; set "
+                "mask_unit_size (e.g. 8 tokens = 32x32 pixels at patch stride 4)")
+    return None

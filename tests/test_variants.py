@@ -117,3 +117,41 @@ def test_bad_rules_are_named():
         scale(base, {"depth_multiplier": -1})
     with pytest.raises(ValidationError):
         ScalingRule.model_validate({"heads": "keep_all"})
+
+
+def test_sweep_rows_equal_whole_model_summaries(tmp_path):
+    from hfactory.summary import summarize
+    from hfactory.sweep import expand_grid, sweep, write_variants
+
+    base = hfactory.load_preset("caformer_s18")
+    grid = {"stages.2.depth": [3, 6], "embedding_scale": [1, 1.5], "stages.*.feedforward.hidden_layer_multiplier": [2]}
+    rows = sweep(base, grid)
+    assert len(rows) == 4 and len({r["name"] for r in rows}) == 4
+    for row in rows[::3]:  # measured stage by stage (cached) vs the whole model at once
+        whole = summarize(row["spec"])["total"]
+        assert row["params"] == whole["params"]
+        assert row["gmacs"] == pytest.approx(whole["gmacs"], rel=1e-9)
+        assert row["activation_bytes"] == whole["activation_bytes"]
+    paths = write_variants(rows, tmp_path)
+    again = hfactory.load_spec(paths[0])
+    assert again.lineage.base == "caformer_s18" and "stages.2.depth" in again.lineage.changes
+    with pytest.raises(OverrideError, match="no values"):
+        expand_grid(base, {"stages.2.depth": []})
+
+
+def test_cli_set_and_sweep(tmp_path, capsys):
+    from hfactory.cli import main
+
+    assert main(["summary", "caformer_s18", "--set", "stages.2.depth=2", "--set", "stages.3.depth=1", "--json"]) == 0
+    import json
+    out = json.loads(capsys.readouterr().out)
+    assert [s["depth"] for s in out["stages"]] == [3, 3, 2, 1]
+    assert main(["summary", "caformer_s18", "--set", "stages.9.depth=2"]) == 2
+    assert "stages.9: no such stage" in capsys.readouterr().err
+    assert main(["summary", "caformer_s18", "--set", "stages.2.num_heads=7"]) == 2
+    assert "stages.2.num_heads" in capsys.readouterr().err
+    assert main(["sweep", "poolformer_s12", "--grid", "stages.3.depth=1,2", "--out", str(tmp_path)]) == 0
+    assert "poolformer_s12-s3.depth1" in capsys.readouterr().out
+    assert len(list(tmp_path.glob("*.yaml"))) == 2
+    assert main(["sweep", "poolformer_s12", "--grid", "stages.3.depth="]) == 2
+    assert "no values" in capsys.readouterr().err

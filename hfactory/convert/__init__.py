@@ -16,9 +16,10 @@ from . import hiera as _hiera  # noqa: F401  (each import registers a family)
 from . import metaformer as _metaformer  # noqa: F401
 from . import swin as _swin  # noqa: F401
 from .core import FAMILIES, convert_state_dict, mismatch_report
-from .hiera import from_package_keys
+from .hiera import from_hiera_mae_state_dict, from_package_keys
 
-__all__ = ["from_timm_state_dict", "from_timm", "from_hiera_state_dict", "mismatch_report", "FAMILIES"]
+__all__ = ["from_timm_state_dict", "from_timm", "from_hiera_state_dict", "from_hiera_mae_state_dict",
+           "mismatch_report", "FAMILIES"]
 
 
 def from_timm_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict:

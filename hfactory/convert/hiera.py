@@ -26,7 +26,7 @@ from torch import nn
 
 from .core import Family, register_family
 
-__all__ = ["map_hiera", "spec_from_timm_hiera", "from_package_keys"]
+__all__ = ["map_hiera", "spec_from_timm_hiera", "from_package_keys", "from_hiera_mae_state_dict"]
 
 _BLOCK_RENAMES = ((r"^attn\.", "token_mixer."), (r"^ls(\d)\.gamma$", r"layer_scale\1.scale"))
 
@@ -180,3 +180,48 @@ register_family(Family(
     spec_from_timm=spec_from_timm_hiera,
     timm_class="Hiera",
 ))
+
+
+_MAE_PASS = ("mask_token", "multi_scale_fusion_heads.", "decoder_embed.", "decoder_norm.", "decoder_pred.")
+
+
+def from_hiera_mae_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict:
+    """Map a state dict of the official package's ``MaskedAutoencoderHiera`` (``hiera.mae_hiera_tiny_224()``
+    ..., or a ``{"model_state": ...}`` checkpoint) onto a :class:`hfactory.mae.MaskedAutoencoder`.
+
+    Encoder keys (``patch_embed``, ``pos_embed``, ``blocks.N``, ``encoder_norm``) map as
+    :func:`map_hiera` does, under ``encoder.`` (``encoder_norm`` is the encoder's final ``norm``);
+    ``decoder_blocks.N.attn.*`` become ``decoder_blocks.N.token_mixer.*``; ``decoder_pos_embed``
+    ``(1, N, D)`` in raster order becomes channels-last ``(1, h, w, D)`` (bicubically resized when the
+    model's grid differs); ``mask_token``, ``multi_scale_fusion_heads.*`` (the package's last head is
+    an ``Identity`` without weights), ``decoder_embed``, ``decoder_norm`` and ``decoder_pred`` keep
+    their names.
+
+    Raises:
+        ValueError: the mapped dict does not fit ``model``; names the mismatching keys and shapes.
+    """
+    from ..layers.posembed import resize_pos_embed
+    from .core import mismatch_report
+    from .resize import resize_to_model
+
+    if "model_state" in state_dict:
+        state_dict = state_dict["model_state"]
+    encoder, out = {}, {}
+    for k, v in state_dict.items():
+        if k == "decoder_pos_embed":
+            grid = tuple(model.decoder_pos_embed.shape[1:3])
+            side = math.isqrt(v.shape[1])
+            hw = grid if v.shape[1] == grid[0] * grid[1] else (side, side)
+            out[k] = resize_pos_embed(v.reshape(1, *hw, v.shape[-1]), grid)
+        elif k.startswith("decoder_blocks."):
+            out[re.sub(r"^(decoder_blocks\.\d+\.)attn\.", r"\1token_mixer.", k)] = v
+        elif k.startswith(_MAE_PASS):
+            out[k] = v
+        else:
+            encoder[k] = v
+    mapped = resize_to_model(map_hiera(encoder, model.encoder), model.encoder.state_dict())
+    out.update({f"encoder.{k}": v for k, v in mapped.items()})
+    report = mismatch_report(model.state_dict(), out)
+    if report:
+        raise ValueError(f"hiera MAE state dict does not fit this model ({model.spec.name}); {report}")
+    return out

@@ -40,13 +40,20 @@ def make_classifier(num_features: int, num_classes: int, head: dict, drop_rate: 
 
 
 class ClassifierHead(nn.Module):
-    """Pool ``(B, C, H, W)`` over H and W (``avg`` or ``max``), dropout, classifier ``fc``."""
+    """Pool ``(B, C, H, W)`` over H and W (``avg`` or ``max``), dropout, classifier ``fc``. When the
+    plan's ``head`` has ``token_sizes`` (tokens merged by geme / att0), ``avg`` weights each token
+    by its size (:mod:`hfactory.layers.token_sizes`)."""
 
     def __init__(self, num_features: int, num_classes: int, global_pool: str, drop_rate: float, head: dict):
         super().__init__()
         self.global_pool = global_pool
+        self.token_sizes = bool(head.get("token_sizes"))
         self.drop = nn.Dropout(drop_rate)
         self.fc = make_classifier(num_features, num_classes, head, drop_rate)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
+        if self.global_pool == "avg" and self.token_sizes:
+            from .token_sizes import size_weighted_mean
+
+            return size_weighted_mean(x, "the size-weighted average pool")
         return x.amax(dim=(2, 3)) if self.global_pool == "max" else x.mean(dim=(2, 3))

@@ -46,9 +46,10 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, dim_head: int, qkv_bias: bool = True, proj_bias: bool = True,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, rotary: bool = False, dim_in: int | None = None,
-                 q_stride: list[int] | None = None, backend: str = "auto"):
+                 q_stride: list[int] | None = None, backend: str = "auto", token_sizes: bool = False):
         super().__init__()
         self.num_heads, self.dim_head, self.attn_drop, self.backend = num_heads, dim_head, attn_drop, backend
+        self.token_sizes = token_sizes  # add log(key size) to the scores (after geme / att0)
         self.rotary = rotary
         self.q_stride = tuple(q_stride) if q_stride else None
         inner = num_heads * dim_head
@@ -69,7 +70,12 @@ class Attention(nn.Module):
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
         if self.rotary:
             q, k = apply_rotary(q), apply_rotary(k)
-        o = attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
+        bias = None
+        if self.token_sizes:
+            from .token_sizes import key_size_bias
+
+            bias = key_size_bias(k.shape[0], k.shape[2], "attention", q.dtype)
+        o = attention(q, k, v, bias, dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
         o = o.transpose(1, 2).reshape(*out_shape, -1)
         return self.proj_drop(self.proj(o))
 

@@ -11,7 +11,13 @@ from typing import Any, Iterable
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
-__all__ = ["StrictModel", "did_you_mean", "located_error", "PlanError"]
+__all__ = ["StrictModel", "did_you_mean", "located_error", "PlanError", "MAX_SIZE"]
+
+#: The largest size the plan accepts: any integer a spec sets (channels, pixels per image side,
+#: kernel, window, class count ...; token counts such as ``seq_len`` excepted) and any hidden width
+#: a component derives. ViT-22B, the widest published ViT, is 6144 wide with 24576 MLP units.
+#: Larger numbers are refused with a :class:`PlanError` before any tensor is allocated.
+MAX_SIZE = 65536
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
@@ -27,7 +33,9 @@ class StrictModel(BaseModel):
     was ignored); here the error names the key, the closest valid key and all valid keys.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # allow_inf_nan=False: inf/nan are no sizes, rates or eps (and JSON, which the plan's cache and
+    # the spec hash use, cannot carry them); they are refused here, at their location.
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
     @model_validator(mode="wrap")
     @classmethod

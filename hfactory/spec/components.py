@@ -20,7 +20,7 @@ from pydantic import Field, GetCoreSchemaHandler, GetJsonSchemaHandler
 from pydantic_core import PydanticCustomError, core_schema
 
 from .. import registry
-from .base import PlanError, StrictModel, located_error
+from .base import MAX_SIZE, PlanError, StrictModel, located_error
 
 Layout = Literal["grid", "units", "seq"]
 
@@ -39,7 +39,9 @@ class StageContext:
     size in tokens (``units`` layout). For the first block of a stage whose downsampler is fused
     into it (Hiera's q-pooling), ``dim_in`` is the previous width, ``q_stride`` the query pooling
     stride and ``grid``/``unit_size`` are those before pooling. ``block_index`` counts blocks
-    within the stage (Swin alternates shifted windows with it).
+    within the stage (Swin alternates shifted windows with it). ``token_sizes``: the tokens carry
+    sizes from an earlier merging downsampler (geme, att0), which attention uses as a log-size
+    key bias (:mod:`hfactory.layers.token_sizes`).
     """
 
     loc: str
@@ -52,6 +54,7 @@ class StageContext:
     dim_in: Optional[int] = None
     q_stride: Optional[tuple[int, int]] = None
     block_index: int = 0
+    token_sizes: bool = False
 
 
 class ComponentParams(StrictModel):
@@ -271,7 +274,10 @@ class AttentionParams(TokenMixerParams):
         if self.rotary and ctx.dim_head % 2:
             raise PlanError(f"{ctx.loc}.rotary", f"rotary embeddings need an even dim_head, got {ctx.dim_head}; "
                             "change num_heads or dim_head")
-        return super().resolve(ctx)
+        out = super().resolve(ctx)
+        if ctx.token_sizes:  # keys of merged tokens get a log(size) bias (proportional attention)
+            out["token_sizes"] = True
+        return out
 
 
 class MaskUnitAttentionParams(AttentionParams):
@@ -317,6 +323,9 @@ class SepConvParams(TokenMixerParams):
         if hidden < 1:
             raise PlanError(f"{ctx.loc}.expansion_ratio", f"{self.expansion_ratio} x width {ctx.dim} rounds to 0 "
                             "channels; use a larger expansion_ratio")
+        if hidden > MAX_SIZE:
+            raise PlanError(f"{ctx.loc}.expansion_ratio", f"{self.expansion_ratio} x width {ctx.dim} = {hidden} "
+                            f"channels, more than the plan's limit {MAX_SIZE}; use a smaller expansion_ratio")
         return {"kind": self.kind, "dim": ctx.dim, "hidden_chs": hidden, "kernel_size": self.kernel_size,
                 "activation": self.activation, "bias": self.bias}
 
@@ -440,6 +449,9 @@ class MlpParams(FeedforwardParams):
         if hidden < 1:
             raise PlanError(f"{loc}.hidden_layer_multiplier", f"{self.hidden_layer_multiplier} x width {dim} "
                             "rounds to 0 hidden units; use a larger multiplier")
+        if hidden > MAX_SIZE:
+            raise PlanError(f"{loc}.hidden_layer_multiplier", f"{self.hidden_layer_multiplier} x width {dim} = "
+                            f"{hidden} hidden units, more than the plan's limit {MAX_SIZE}; use a smaller multiplier")
         return {"kind": self.kind, "dim": dim, "hidden_features": hidden, "activation": self.activation,
                 "bias": self.bias, "drop": self.drop}
 

@@ -19,12 +19,26 @@ __all__ = ["load_yaml", "load_spec", "dump_spec", "SpecSource", "MAX_SPEC_BYTES"
 
 #: Larger documents are refused before parsing; a spec is a few kilobytes.
 MAX_SPEC_BYTES = 1_000_000
+#: Deeper nesting of collections is refused while parsing; a spec nests about 6 levels. (PyYAML's
+#: scanner spends O(depth) per token inside ``[[[...``, so depth is refused before it costs.)
+MAX_NESTING = 64
 
 SpecSource = Union[str, os.PathLike, dict, EncoderSpec]
 
 
 class _SpecLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys and aliases."""
+    """SafeLoader that refuses duplicate keys, aliases, unhashable keys and nesting deeper than
+    :data:`MAX_NESTING`."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def fetch_flow_collection_start(self, token_class):
+        if self.flow_level >= MAX_NESTING:
+            raise yaml.scanner.ScannerError(None, None, f"nesting too deep (more than {MAX_NESTING} levels; a "
+                                            "spec needs about 6)", self.get_mark())
+        super().fetch_flow_collection_start(token_class)
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
@@ -32,17 +46,40 @@ class _SpecLoader(yaml.SafeLoader):
             raise yaml.constructor.ConstructorError(
                 None, None, "YAML aliases (*name) are not allowed in specs; write the value out",
                 event.start_mark)
-        return super().compose_node(parent, index)
+        self._depth += 1
+        try:
+            if self._depth > MAX_NESTING:
+                raise yaml.composer.ComposerError(None, None, f"nesting too deep (more than {MAX_NESTING} levels; "
+                                                  "a spec needs about 6)", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_yaml_int(self, node):
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # Python refuses to parse ints of more than 4300 digits
+            raise yaml.constructor.ConstructorError(None, None, f"integer of {len(node.value)} characters is too "
+                                                    "long for any spec field", node.start_mark) from None
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"a {type(key).__name__} cannot be a mapping key; spec keys are names",
+                    key_node.start_mark) from None
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r}; each key may appear once", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+_SpecLoader.add_constructor("tag:yaml.org,2002:int", _SpecLoader.construct_yaml_int)
 
 
 def load_yaml(text: str) -> Any:

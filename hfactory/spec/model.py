@@ -20,6 +20,7 @@ from pydantic_core import PydanticCustomError
 
 from .base import StrictModel
 from .components import Activation, ComponentField, ComponentParams
+from .mae import MAESpec
 
 __all__ = ["StageSpec", "StageDefaults", "EncoderSpec", "HeadSpec", "Lineage"]
 
@@ -143,6 +144,8 @@ class EncoderSpec(StrictModel):
         "patch stride 4); tokens then flow in the units layout (B, U, uh, uw, C)")
 
     lineage: Optional[Lineage] = Field(None, description="base spec and changes this variant was derived by")
+    mae: Optional[MAESpec] = Field(None, description="masked-autoencoder pretraining (decoder, mask ratio, loss) "
+                                   "for hfactory pretrain / hfactory.mae.MaskedAutoencoder; the encoder ignores it")
 
     def with_changes(self, changes: dict, *, record: bool = True) -> "EncoderSpec":
         """A copy with values replaced by dotted path; see :func:`hfactory.spec.variants.with_changes`."""

@@ -40,6 +40,7 @@ _TRAIN_OPTIONS = [
 
 def add_commands(subparsers) -> None:
     """Add ``train`` and ``eval`` to the ``hfactory`` argparse subparsers."""
+    from ..cli import add_spec_argument
     from . import TrainConfig
 
     defaults = TrainConfig()
@@ -48,11 +49,13 @@ def add_commands(subparsers) -> None:
         description="Train a spec; the defaults train examples/digits_hybrid.yaml on the embedded digits data. "
         "Several processes: torchrun --nproc_per_node=N -m hfactory train SPEC ... (DDP, or FSDP2 with --fsdp; "
         "gloo on CPU, nccl on CUDA); --batch-size stays the global batch and only rank 0 prints and writes.")
-    p.add_argument("spec", help="spec YAML path")
+    add_spec_argument(p)
     p.add_argument("--data", help=f"'digits' (scikit-learn's bundled 8x8 digits, fixed 80/20 split) or a "
                    f"directory with train/ and val/ ImageFolder subfolders (default: {defaults.data})")
     p.add_argument("--out", help="run directory (default: runs/<spec name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--init-from", metavar="RUN_DIR", help="start from pretrained encoder weights (an hfactory "
+                   "pretrain run directory, or a save_pretrained directory); the classifier keeps its init")
     for flag, name, type_, help_ in _TRAIN_OPTIONS:
         default = getattr(defaults, name)
         p.add_argument(flag, dest=name, type=type_, default=None,
@@ -76,6 +79,10 @@ def add_commands(subparsers) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: all available cores)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.set_defaults(func=cmd_eval)
+
+    from .pretrain import add_pretrain_command
+
+    add_pretrain_command(subparsers)
 
 
 def _missing_extra(data: str, progress: bool) -> str | None:
@@ -124,7 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .loop import NonFiniteLossError, train
 
     try:
-        result = train(spec, out, config, resume=args.resume)
+        result = train(spec, out, config, resume=args.resume, init_from=getattr(args, "init_from", None))
     except NonFiniteLossError as err:
         print(f"hfactory train: error: {err}", file=sys.stderr)
         return 1

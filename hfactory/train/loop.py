@@ -176,7 +176,7 @@ def evaluate(model: nn.Module, dataset, batch_size: int = 256, amp: bool = False
 
 
 def train(spec: EncoderSpec, out: str | os.PathLike, config: Optional[TrainConfig] = None,
-          resume: bool = False) -> dict:
+          resume: bool = False, init_from: Optional[str | os.PathLike] = None) -> dict:
     """Train ``spec`` on ``config.data`` and write the run into ``out`` (layout: :mod:`.checkpoint`).
 
     Evaluates on the test split after every epoch, appends a line to ``out/metrics.jsonl``,
@@ -196,11 +196,15 @@ def train(spec: EncoderSpec, out: str | os.PathLike, config: Optional[TrainConfi
             the data's class count differs from ``spec.num_classes``, or an unusable checkpoint.
         FileNotFoundError: the data directory is missing.
         NonFiniteLossError: the loss became NaN/inf; the last good checkpoint is kept.
+
+    ``init_from`` (a pretraining run or save_pretrained directory) starts a new run from those
+    encoder weights (:func:`hfactory.train.pretrain.load_pretrained_encoder`); a resumed run
+    continues from its checkpoint instead.
     """
     config = config or TrainConfig()
     config.validate()
     with D.session(config.device) as (ctx, device):
-        return _train(spec, Path(out), config, resume, ctx, device)
+        return _train(spec, Path(out), config, resume, ctx, device, init_from)
 
 
 def _threads(config: TrainConfig) -> int:
@@ -212,7 +216,7 @@ def _threads(config: TrainConfig) -> int:
 
 
 def _train(spec: EncoderSpec, out: Path, config: TrainConfig, resume: bool, ctx: DistContext,
-           device: torch.device) -> dict:
+           device: torch.device, init_from: Optional[str | os.PathLike] = None) -> dict:
     if config.batch_size < ctx.world_size:
         raise ValueError(f"--batch-size {config.batch_size} is the global batch; with {ctx.world_size} processes "
                          f"it must be at least {ctx.world_size}")
@@ -246,6 +250,11 @@ def _train(spec: EncoderSpec, out: Path, config: TrainConfig, resume: bool, ctx:
     n_params = sum(p.numel() for p in model.parameters())
     found = ckpt.find_checkpoint(out) if resuming else None
     state = agree(ctx, lambda: ckpt.load_checkpoint(found, model, hash_)) if found is not None else None
+    if init_from is not None and state is None:  # fine-tuning: pretrained encoder weights, new classifier
+        from .pretrain import load_pretrained_encoder
+
+        loaded = agree(ctx, lambda: load_pretrained_encoder(model, init_from))
+        log(f"initialised {loaded['loaded']} tensors from {loaded['source']}")
     wrapped = D.wrap_model(model, ctx, device, config.fsdp)  # FSDP shards `model` itself
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
     steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
