@@ -1,5 +1,5 @@
-"""Every hfactory preset against its timm twin on the CPU: inference throughput and training-step
-time, measured paired and interleaved in one process (issue 4, performance).
+"""Every hfactory preset that reproduces a timm model, against that model on the CPU: inference
+throughput and training-step time, measured paired and interleaved in one process (issue 4).
 
 Per preset:
 
@@ -11,11 +11,13 @@ Per preset:
 2. Inference: ``eval()`` under ``torch.inference_mode()``. Training step: ``train()``,
    ``zero_grad(set_to_none=True)``, forward, cross-entropy, backward (no optimizer step).
 3. For each of the two: ``--warmup`` calls of each model, then rounds timing one call of each,
-   hfactory first in even rounds and timm first in odd ones (:func:`hfactory.bench.paired_timing`).
+   hfactory first in even rounds and timm first in odd ones (:func:`interleaved`).
 4. Report medians over all rounds (no rounds dropped): images/s = batch / median seconds per
    call; inference ratio = hfactory img/s / timm img/s; training ratio = timm median step time /
-   hfactory median step time. > 1 means hfactory is faster in both. The paired ratio (median
-   over rounds of that round's timm time / hfactory time) is printed alongside.
+   hfactory median step time. > 1 means hfactory is faster in both. Also printed: the paired
+   ratio (median over rounds of that round's timm time / hfactory time) and the CPU-time ratio
+   (timm / hfactory median ``time.process_time`` per call, all threads), which is less
+   sensitive to the process being descheduled on a shared machine than wall-clock time.
 
 Usage (from the repository root)::
 
@@ -76,7 +78,6 @@ def bench_preset(name: str, batch: int, rounds: int, train_rounds: int, warmup: 
     import torch.nn.functional as F
 
     import hfactory
-    from hfactory.bench import paired_timing
     from hfactory.convert import from_timm_state_dict
 
     size = NATIVE.get(name, 224)
@@ -109,30 +110,35 @@ def bench_preset(name: str, batch: int, rounds: int, train_rounds: int, warmup: 
 
     out = {"preset": name, "size": size, "batch": batch, "logits_rel_diff": agree,
            "params": sum(p.numel() for p in model.parameters())}
-    res = paired_timing({k: infer(m) for k, m in models.items()}, batch, rounds, warmup)
-    out["inference"] = {"times_s": res.times, "paired_ratio": res.ratio}
+    out["inference"] = interleaved({k: infer(m) for k, m in models.items()}, rounds, warmup)
     if train_rounds > 0:
         for m in models.values():
             m.train()
-        res = paired_timing({k: step(m) for k, m in models.items()}, batch, train_rounds, warmup)
+        out["train"] = interleaved({k: step(m) for k, m in models.items()}, train_rounds, warmup)
         for m in models.values():
             m.zero_grad(set_to_none=True)
-        out["train"] = {"times_s": res.times, "paired_ratio": res.ratio}
     return out
 
 
-def _summary(r: dict) -> dict:
-    """Medians and ratios of one preset's result."""
-    s = {}
-    inf = r["inference"]["times_s"]
-    hf, tm = statistics.median(inf["hfactory"]), statistics.median(inf["timm"])
-    s["inf"] = (r["batch"] / hf, r["batch"] / tm, tm / hf, r["inference"]["paired_ratio"],
-                len(inf["hfactory"]))
-    if "train" in r:
-        tr = r["train"]["times_s"]
-        hf, tm = statistics.median(tr["hfactory"]), statistics.median(tr["timm"])
-        s["train"] = (hf, tm, tm / hf, r["train"]["paired_ratio"], len(tr["hfactory"]))
-    return s
+def interleaved(calls: dict, rounds: int, warmup: int) -> dict:
+    """``warmup`` calls of each, then ``rounds`` rounds timing one call of each, hfactory first in
+    even rounds and timm first in odd ones. Wall seconds (``time.perf_counter``) and CPU seconds
+    of the process (``time.process_time``, all threads) per call; paired ratio = median over
+    rounds of timm wall time / hfactory wall time of the same round."""
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+    wall = {k: [] for k in calls}
+    cpu = {k: [] for k in calls}
+    order = list(calls)
+    for r in range(rounds):
+        for k in (order if r % 2 == 0 else order[::-1]):
+            c0, t0 = time.process_time(), time.perf_counter()
+            calls[k]()
+            wall[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
+    paired = statistics.median(t / h for h, t in zip(wall["hfactory"], wall["timm"]))
+    return {"times_s": wall, "cpu_s": cpu, "paired_ratio": paired}
 
 
 def _spread(times: list[float], scale: float = 1.0, fmt: str = "{:.0f}") -> str:
@@ -140,48 +146,91 @@ def _spread(times: list[float], scale: float = 1.0, fmt: str = "{:.0f}") -> str:
 
 
 def table(results: list[dict]) -> list[str]:
-    lines = ["| preset | size | inference hfactory img/s | inference timm img/s | ratio hf/timm (paired) "
-             "| train step hfactory s | train step timm s | ratio timm/hf (paired) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| preset | size | inference hfactory img/s | inference timm img/s | **ratio** hf/timm "
+             "| paired | CPU-time | train step hfactory s | train step timm s | **ratio** timm/hf | paired "
+             "| CPU-time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        s = _summary(r)
-        ihf, itm, iratio, ipaired, n = s["inf"]
-        inf = r["inference"]["times_s"]
-        row = (f"| {r['preset']} | {r['size']} | {ihf:.2f} ({_spread(inf['hfactory'], 1e3)} ms) "
-               f"| {itm:.2f} ({_spread(inf['timm'], 1e3)} ms) | **{iratio:.3f}** ({ipaired:.3f}) |")
-        if "train" in s:
-            thf, ttm, tratio, tpaired, _ = s["train"]
-            tr = r["train"]["times_s"]
-            row += (f" {thf:.3f} ({_spread(tr['hfactory'], 1, '{:.2f}')}) | {ttm:.3f} "
-                    f"({_spread(tr['timm'], 1, '{:.2f}')}) | **{tratio:.3f}** ({tpaired:.3f}) |")
-        else:
-            row += " — | — | — |"
+        row = f"| {r['preset']} | {r['size']} |"
+        for mode, scale, fmt in (("inference", 1e3, "{:.0f}"), ("train", 1.0, "{:.2f}")):
+            if mode not in r:
+                row += " — | — | — | — | — |"
+                continue
+            t, c = r[mode]["times_s"], r[mode]["cpu_s"]
+            hf, tm = statistics.median(t["hfactory"]), statistics.median(t["timm"])
+            cpu_ratio = statistics.median(c["timm"]) / statistics.median(c["hfactory"])
+            if mode == "inference":
+                a, b = f"{r['batch'] / hf:.2f}", f"{r['batch'] / tm:.2f}"
+                unit = " ms"
+            else:
+                a, b = f"{hf:.3f}", f"{tm:.3f}"
+                unit = " s"
+            row += (f" {a} ({_spread(t['hfactory'], scale, fmt)}{unit}) | {b} ({_spread(t['timm'], scale, fmt)}{unit}) "
+                    f"| **{tm / hf:.3f}** | {r[mode]['paired_ratio']:.3f} | {cpu_ratio:.3f} |")
         lines.append(row)
     return lines
 
 
-def write_section(text: str) -> None:
-    """Replace the section (up to the next ``## `` heading) or append it."""
+INTRO = (
+    "Every preset that reproduces a timm model against that model (`timm.create_model(name, "
+    "pretrained=False)`), both in one process with the same weights (timm's random init loaded into "
+    "hfactory with `from_timm_state_dict`), fp32, batch 8, native resolution (224, 256 for "
+    "hiera_small_abswin_256). Inference: `eval()` under `torch.inference_mode()`; train step: `train()`, "
+    "`zero_grad`, forward, cross-entropy, backward (no optimizer step). Warm-up calls of each model, then "
+    "rounds that time one call of each, alternating which goes first. Medians of all rounds, none dropped "
+    "(min–max in parentheses). **Ratio** = hfactory img/s / timm img/s (inference) and timm step time / "
+    "hfactory step time (training): > 1 means hfactory is faster. *paired* = median over rounds of the "
+    "same round's timm / hfactory wall time; *CPU-time* = timm / hfactory median CPU time of the process "
+    "per call (`time.process_time`, all threads), which a shared machine disturbs less than wall time "
+    "(a descheduled process accrues no CPU time, though threads that spin at a barrier do). "
+    "Script: `benchmarks/presets_vs_timm.py` (without `--write` it only prints)."
+)
+
+
+def _subsections(body: str) -> dict[str, str]:
+    """``### `` subsections of the section body, by heading (text before the first one dropped)."""
+    parts = re.split(r"^(### .*)$", body, flags=re.M)
+    return {parts[i].strip(): parts[i + 1].strip("\n") for i in range(1, len(parts) - 1, 2)}
+
+
+def write_section(heading: str, text: str, notes: str | None) -> None:
+    """Put subsection ``heading`` (replacing one of that name) into the section, keep its other
+    subsections, refresh the intro, and with ``notes`` replace ``### Interpretation``. Other
+    sections of RESULTS.md are left as they are."""
     old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(old):
-        new = pattern.sub(lambda _: text.rstrip("\n") + "\n\n", old, count=1)
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n(.*?)(?=^## |\Z)", re.S | re.M)
+    found = pattern.search(old)
+    subs = _subsections(found.group(1)) if found else {}
+    subs[heading] = text.strip("\n")
+    if notes is not None:
+        subs["### Interpretation"] = notes.strip("\n")
+    runs = sorted((h for h in subs if h != "### Interpretation"),
+                  key=lambda h: -int(re.sub(r"\D", "", h) or 0))
+    order = runs + (["### Interpretation"] if "### Interpretation" in subs else [])
+    body = "\n\n".join([SECTION, INTRO] + [f"{h}\n\n{subs[h]}" for h in order]) + "\n"
+    if found:
+        new = old[:found.start()] + body + ("\n" + old[found.end():] if old[found.end():].strip() else "")
     else:
-        new = old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
+        new = old.rstrip("\n") + "\n\n" + body
     RESULTS.write_text(new.rstrip("\n") + "\n")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", nargs="+", default=None,
-                        help="preset names (space- or comma-separated; default: all)")
+                        help="preset names (space- or comma-separated; default: every preset that "
+                             "timm also has)")
     parser.add_argument("--rounds", type=int, default=7, help="inference rounds (median of all)")
     parser.add_argument("--train-rounds", type=int, default=5, help="training-step rounds (0: skip training)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="also dump the raw times here")
-    parser.add_argument("--write", action="store_true", help=f"write '{SECTION}' into benchmarks/RESULTS.md")
+    parser.add_argument("--write", action="store_true",
+                        help=f"write this run (a subsection per thread count) into '{SECTION}' of "
+                             "benchmarks/RESULTS.md")
+    parser.add_argument("--notes", type=Path, default=None,
+                        help="with --write: markdown file that replaces the section's '### Interpretation'")
     args = parser.parse_args()
 
     import timm
@@ -190,10 +239,11 @@ def main() -> int:
     from hfactory.presets import list_models
 
     torch.set_num_threads(args.threads)
-    names = [n for item in (args.presets or list_models()) for n in item.split(",") if n]
-    unknown = [n for n in names if n not in list_models()]
+    twins = [n for n in list_models() if timm.is_model(n)]  # presets that reproduce a timm model
+    names = [n for item in (args.presets or twins) for n in item.split(",") if n]
+    unknown = [n for n in names if n not in twins]
     if unknown:
-        parser.error(f"unknown presets {unknown}; known: {', '.join(list_models())}")
+        parser.error(f"no preset with a timm twin named {unknown}; known: {', '.join(twins)}")
     if args.write and (args.rounds < 5 or 0 < args.train_rounds < 5):
         parser.error("--write needs --rounds >= 5 and --train-rounds >= 5 (or 0)")
 
@@ -219,27 +269,19 @@ def main() -> int:
         cmd = ".venv/bin/python benchmarks/presets_vs_timm.py"
         if args.presets:
             cmd += " --presets " + " ".join(names)
-        cmd += f" --rounds {args.rounds} --train-rounds {args.train_rounds} --warmup {args.warmup}"
-        if args.batch != 8 or args.threads != 2:
-            cmd += f" --batch {args.batch} --threads {args.threads}"
+        cmd += (f" --threads {args.threads} --rounds {args.rounds} --train-rounds {args.train_rounds} "
+                f"--warmup {args.warmup}")
+        if args.batch != 8:
+            cmd += f" --batch {args.batch}"
         cmd += " --write"
+        heading = f"### {args.threads} thread{'s' if args.threads != 1 else ''}"
         lines = [
-            SECTION, "",
-            f"Every preset against its timm twin (`timm.create_model(name, pretrained=False)`), the two models "
-            f"in one process with the same weights (timm's random init loaded into hfactory with "
-            f"`from_timm_state_dict`), fp32, batch {args.batch}, native resolution, "
-            f"`torch.set_num_threads({args.threads})`. Inference: `eval()` under `torch.inference_mode()`; "
-            f"train step: `train()`, `zero_grad`, forward, cross-entropy, backward (no optimizer step). "
-            f"{args.warmup} warm-up calls of each, then {args.rounds} inference rounds and "
-            f"{args.train_rounds} training rounds, each timing one call of each model, alternating which "
-            f"goes first. Medians of all rounds (min–max in parentheses). Ratio = hfactory img/s / timm "
-            f"img/s (inference) and timm step time / hfactory step time (training): > 1 means hfactory is "
-            f"faster; in parentheses the paired ratio (median over rounds of the same round's timm time / "
-            f"hfactory time).",
+            f"`torch.set_num_threads({args.threads})`, {args.warmup} warm-up calls of each model, "
+            f"{args.rounds} inference rounds, {args.train_rounds} training rounds, batch {args.batch}.",
             "",
             f"Reproduce (from the repository root): `{cmd}`",
             "",
-            f"- Date: {started:%Y-%m-%d %H:%M} UTC; full run {elapsed / 60:.1f} min",
+            f"- Date: {started:%Y-%m-%d %H:%M} UTC; the run took {elapsed / 60:.1f} min",
             f"- Machine: {os.cpu_count()} CPUs ({_cpu_model()}), {_mem_gb()}, no GPU",
             f"- torch {torch.__version__}, timm {timm.__version__}, Python {platform.python_version()}",
             f"- Load average (1/5/15 min) at start {load_start}, at end {load_end} (other jobs share "
@@ -247,13 +289,12 @@ def main() -> int:
             "",
             *table(results),
             "",
-            "Per-preset logits agreement (eval, 2 images, max|diff| / max|ref|): "
+            "Logits agreement (eval, 2 images, max|diff| / max|ref|): "
             + ", ".join(f"{r['preset']} {r['logits_rel_diff']:.1e}" for r in results) + ".",
-            "",
-            "INTERPRETATION",
         ]
-        write_section("\n".join(lines) + "\n")
-        print(f"wrote '{SECTION}' to {RESULTS}")
+        notes = args.notes.read_text() if args.notes else None
+        write_section(heading, "\n".join(lines), notes)
+        print(f"wrote '{heading}' of '{SECTION}' to {RESULTS}")
     return 0
 
 

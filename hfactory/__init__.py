@@ -16,6 +16,7 @@ _LAZY = {
     "HierarchicalEncoder": ".encoder",
     "build_encoder": ".encoder",
     "from_pretrained": ".encoder",
+    "MaskedAutoencoder": ".mae",
     "attention": ".layers.attention",
     "attention_backend": ".layers.attention",
 }

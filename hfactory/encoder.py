@@ -164,7 +164,10 @@ class HierarchicalEncoder(nn.Module):
         return (h // uh) * (w // uw)
 
     def _check_mask(self, mask: torch.Tensor, x: torch.Tensor) -> None:
-        """Raise ValueError naming what is wrong with a sparse-forward ``mask`` for images ``x``."""
+        """Raise ValueError naming what is wrong with a sparse-forward ``mask`` for images ``x``
+        (the plan checks are Python that torch.compile does not trace; eager calls run them)."""
+        if torch.compiler.is_compiling():
+            return
         verdict = resolve(self.spec, tuple(x.shape[2:])).mae_incompatibility
         if verdict is not None:
             raise ValueError(f"a masked (sparse MAE) forward needs a spec whose components stay inside mask units; "
@@ -176,8 +179,6 @@ class HierarchicalEncoder(nn.Module):
         if tuple(mask.shape) != (x.shape[0], units):
             raise ValueError(f"mask must have shape (batch, mask units) = ({x.shape[0]}, {units}) for "
                              f"{x.shape[2]}x{x.shape[3]} images, got {tuple(mask.shape)}")
-        if torch.compiler.is_compiling():
-            return
         kept = mask.sum(dim=1)
         if kept.numel() and (kept.min() != kept.max() or int(kept.min()) == 0):
             raise ValueError(f"mask must keep the same number (>= 1) of mask units in every sample; it keeps "

@@ -373,7 +373,7 @@ def _resolve(spec: EncoderSpec, img_size: tuple[int, int]) -> Plan:
         block += depth
         grid, chs, prev_mixer = out_grid, dim, mixer
 
-    return Plan(
+    plan = Plan(
         name=spec.name, img_size=tuple(img_size), in_chans=spec.in_chans, num_classes=spec.num_classes,
         global_pool=spec.global_pool, drop_rate=spec.drop_rate,
         head_norm=spec.head_norm.resolve(chs, "head_norm"), head_norm_first=spec.head_norm_first,
@@ -381,6 +381,32 @@ def _resolve(spec: EncoderSpec, img_size: tuple[int, int]) -> Plan:
               **({"token_sizes": True} if sizes_from and spec.global_pool == "avg" else {})},
         attn_backend=spec.attn_backend, mask_unit_size=spec.mask_unit_hw, num_features=chs, stages=tuple(stages),
     )
+    _check_group_sizes(plan)
+    return plan
+
+
+def _check_group_sizes(plan: Plan) -> None:
+    """A group norm normalises each group of ``dim / num_groups`` channels x positions values of a
+    sample; a group of one value comes out as the norm's bias alone (torch refuses it in training
+    at batch size 1). Refuse that wherever a norm sees a single position: a 1x1 grid, the pooled
+    vector (the final norm after pooling, the MLP head's norm)."""
+    def check(entry, positions, loc):
+        if entry and entry.get("num_groups") and entry["dim"] // entry["num_groups"] * positions < 2:
+            raise PlanError(f"{loc}.num_groups", f"num_groups {entry['num_groups']} splits the {entry['dim']} "
+                            f"channels into groups of one value at {positions} position(s), which normalise to "
+                            f"zero; use fewer groups (1 = one group)")
+
+    for s in plan.stages:
+        loc, cells_in, cells_out = f"stages.{s.index}", s.in_grid[0] * s.in_grid[1], s.out_grid[0] * s.out_grid[1]
+        check(s.norm, cells_out, f"{loc}.norm")
+        for b in s.blocks:
+            check(b.norm1, cells_in if b.q_stride else cells_out, f"{loc}.norm")
+        ds_norm = s.downsample.get("norm")
+        check(ds_norm, cells_in if s.downsample.get("pre_norm") else cells_out, f"{loc}.downsample.norm")
+    last = plan.stages[-1].out_grid
+    check(plan.head_norm, last[0] * last[1] if plan.head_norm_first else 1, "head_norm")
+    if plan.num_classes > 0:
+        check(plan.head.get("norm"), 1, "head.norm")
 
 
 def _reduction(img_size: tuple[int, int], grid: tuple[int, int], layout: str) -> int:

@@ -4,8 +4,12 @@
 - units ``(B, U, uh, uw, C)``: the grid cut into ``U`` mask units of ``uh x uw`` tokens, row-major
   over units (Hiera, arXiv 2306.00989). Per-unit operations (mask-unit attention, q-pooling) act
   on the last three axes; sparse MAE keeps a subset of ``U``.
+- seq ``(B, N, C)``: tokens without 2-D structure, after HVT's 1-D pooling
+  (:mod:`hfactory.layers.hvt`) or greedy merging / learnable-cluster att0
+  (:mod:`hfactory.layers.thesis`); grid-only components cannot follow (the plan refuses them).
+  The plan records its grid as ``(N, 1)`` and the encoder returns it as an ``N x 1`` map.
 
-Both share the trailing ``(h, w, C)`` axes, so :func:`pool_hw` serves both.
+Grid and units share the trailing ``(h, w, C)`` axes, so :func:`pool_hw` serves both.
 """
 
 from __future__ import annotations

@@ -216,13 +216,17 @@ def assign_aggregate(q_c: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: 
     ``q_c`` ``(B, H, K, D)``, ``k``/``v`` ``(B, H, N, D)`` -> ``(B, H, K, D)`` and the assignment
     mass ``sum_t P[t, c]`` ``(B, H, K)``. The softmax over clusters runs through the attention
     entry point with the tokens' keys as queries, the clusters' queries as keys and the identity
-    as values (so its output is the probability matrix itself).
+    as values, so its output is the probability matrix itself; queries and keys are zero-padded
+    to the identity's width (the scores and the explicit scale do not change) because fused
+    kernels want one head width for q, k and v.
     """
-    b, h, kc, _ = q_c.shape
-    eye = torch.eye(kc, dtype=q_c.dtype, device=q_c.device).expand(b, h, kc, kc)
+    b, h, kc, d = q_c.shape
     from .attention import attention
 
-    probs = attention(k, q_c, eye, backend=backend)  # (B, H, N, K): softmax over the clusters
+    width = max(d, kc)
+    eye = F.pad(torch.eye(kc, dtype=q_c.dtype, device=q_c.device), (0, width - kc)).expand(b, h, kc, width)
+    probs = attention(F.pad(k, (0, width - d)), F.pad(q_c, (0, width - d)), eye, scale=d ** -0.5,
+                      backend=backend)[..., :kc]  # (B, H, N, K): softmax over the clusters
     if mode == "hard":
         probs = hardmax_st(probs, dim=-1)
     weights = probs.transpose(-1, -2)  # (B, H, K, N)
@@ -275,6 +279,9 @@ class Att0Clusters(nn.Module):
     std 0.02) when ``init`` is None, else the downsampler ``init`` (``C -> 2C`` on an
     ``(H', W')`` grid with ``K = 2 H' W'``), its cells' channel halves as two clusters each.
 
+    The learnable clusters are listed by the encoder's ``no_weight_decay`` (like position
+    embeddings and timm's class tokens; the thesis decays them).
+
     Raises:
         ValueError: the input grid is not the one the cluster count was made for.
     """
@@ -282,6 +289,7 @@ class Att0Clusters(nn.Module):
     def __init__(self, dim: int, grid: list[int], num_clusters: int, init: Optional[dict] = None):
         super().__init__()
         self.grid, self.num_clusters = tuple(grid), num_clusters
+        self._no_weight_decay = ("clusters",) if init is None else ()
         if init is None:
             self.clusters = nn.Parameter(torch.zeros(num_clusters, dim))
             nn.init.normal_(self.clusters, std=0.02)

@@ -16,8 +16,9 @@ consumer that finds none, or sizes of another shape, raises instead of guessing.
 
 Limits of this design: two forwards of size-producing models interleaved in one thread (not
 sequential) would see each other's sizes; activation checkpointing recomputes in the backward
-pass and reads the sizes of the latest forward (correct for forward-then-backward; on CUDA the
-backward thread does not see the context, so consumers raise).
+pass and reads the sizes of the latest forward (correct for forward-then-backward; where the
+backward runs in another thread, as autograd's device threads may, the context is not there and
+consumers raise instead of guessing).
 """
 
 from __future__ import annotations

@@ -17,8 +17,10 @@ from .model import EncoderSpec
 
 __all__ = ["load_yaml", "load_spec", "dump_spec", "SpecSource", "MAX_SPEC_BYTES"]
 
-#: Larger documents are refused before parsing; a spec is a few kilobytes.
-MAX_SPEC_BYTES = 1_000_000
+#: Larger documents are refused before parsing; a spec is a few kilobytes (the largest preset is
+#: under 3 kB). PyYAML's pure-Python parser needs several seconds per megabyte, so the bound keeps
+#: the worst document's rejection well under a second.
+MAX_SPEC_BYTES = 100_000
 #: Deeper nesting of collections is refused while parsing; a spec nests about 6 levels. (PyYAML's
 #: scanner spends O(depth) per token inside ``[[[...``, so depth is refused before it costs.)
 MAX_NESTING = 64
@@ -120,7 +122,10 @@ def load_spec(source: SpecSource) -> EncoderSpec:
             raise FileNotFoundError(f"spec file not found: {path}")
         if path.stat().st_size > MAX_SPEC_BYTES:
             raise ValueError(f"{path}: larger than {MAX_SPEC_BYTES} bytes; not a spec")
-        source = path.read_text(encoding="utf-8")
+        try:
+            source = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not UTF-8 text ({err}); a spec is a YAML or JSON text file") from None
     if isinstance(source, str):
         source = load_yaml(source)
     if not isinstance(source, dict):

@@ -168,7 +168,8 @@ class GeMeParams(DownsampleParams):
     """
 
     kind: Literal["geme"] = "geme"
-    stride: int = Field(2, ge=1, description="N_out = (H / stride) * (W / stride) groups")
+    stride: int = Field(2, ge=1, description="N_out = N_in // stride^2 groups ((H / stride) * (W / stride) on "
+                        "a grid the stride divides)")
     norm: NormField = Field(default_factory=_ln, description="norm before to_kv and before the projection")
     accepts: ClassVar[frozenset] = frozenset({"grid", "seq"})
     produces: ClassVar[str] = "seq"

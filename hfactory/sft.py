@@ -1,0 +1,311 @@
+"""SFT ("Scale-Free Transformer", the thesis repo's iteratively refined hierarchical RAM) as an
+encoder: every level is kept, refined by forward and backward sweeps, and returned as features.
+
+Spec and plan: :mod:`hfactory.spec.sft` (what each field means, the arithmetic, the sources).
+The codec blocks are built from registry components: self-attention blocks are hfactory's
+:class:`~hfactory.layers.block.Block` with the registry's ``attention`` token mixer, the spec's
+``feedforward`` and ``norm``; cross-attention blocks use the same norm and feedforward entries
+and call the one attention entry point (:func:`hfactory.layers.attention.attention`).
+
+Example::
+
+    from hfactory.sft import build_sft
+    model = build_sft("examples/sft/digits.yaml")
+    logits = model(images)                       # (B, num_classes)
+    levels = model.forward_intermediates(images, intermediates_only=True)   # every level, NCHW
+
+Initialisation follows the thesis: Xavier-uniform Linear (and stem) weights, zero biases,
+queries normal with std 0.02.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .build import build_component
+from .layers.attention import attention
+from .layers.block import Block
+from .spec.base import PlanError
+from .spec.io import load_yaml
+from .spec.sft import SFTPlan, SFTSpec, SFTTransitionPlan, resolve_sft
+
+__all__ = ["SFTEncoder", "Codec", "CrossBlock", "build_sft", "load_sft_spec", "group_tokens", "ungroup_tokens",
+           "sincos_pos_embed"]
+
+
+def group_tokens(x: torch.Tensor, group_size: Sequence[int]) -> torch.Tensor:
+    """Cut a level ``(B, *grid, C)`` (any number of axes) into groups of ``group_size`` tokens:
+    ``(B * G, prod(group_size), C)``, groups row-major over the grid, tokens row-major inside."""
+    b, *grid, c = x.shape
+    d = len(grid)
+    split = [b]
+    for n, s in zip(grid, group_size):
+        split += [n // s, s]
+    x = x.reshape(*split, c)
+    perm = [0, *(1 + 2 * i for i in range(d)), *(2 + 2 * i for i in range(d)), 1 + 2 * d]
+    return x.permute(perm).reshape(-1, math.prod(group_size), c)
+
+
+def ungroup_tokens(x: torch.Tensor, batch: int, groups: Sequence[int], group_size: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`group_tokens`: ``(B * G, prod(group_size), C) -> (B, *(groups * group_size), C)``."""
+    d, c = len(groups), x.shape[-1]
+    x = x.reshape(batch, *groups, *group_size, c)
+    perm = [0]
+    for i in range(d):
+        perm += [1 + i, 1 + d + i]
+    return x.permute(*perm, 1 + 2 * d).reshape(batch, *(g * s for g, s in zip(groups, group_size)), c)
+
+
+def sincos_pos_embed(grid: Sequence[int], dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Fixed sin-cos position embedding ``(*grid, dim)`` for a grid of any rank: each axis gets
+    ``2 * (dim // (2 * rank))`` channels (``sin`` then ``cos`` of ``pos * temperature^(-k/f)``),
+    the rest are zero (the thesis's ``get_nd_sin_posemb`` idea)."""
+    rank = len(grid)
+    per_axis = dim // (2 * rank)
+    omega = 1.0 / temperature ** (torch.arange(per_axis, dtype=torch.float64) / max(per_axis, 1))
+    coords = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in grid), indexing="ij")
+    parts = []
+    for pos in coords:
+        angles = pos[..., None] * omega
+        parts += [angles.sin(), angles.cos()]
+    emb = torch.cat(parts, dim=-1) if parts else torch.zeros(*grid, 0, dtype=torch.float64)
+    pad = dim - emb.shape[-1]
+    if pad:
+        emb = torch.cat([emb, emb.new_zeros(*grid, pad)], dim=-1)
+    return emb.float()
+
+
+class CrossBlock(nn.Module):
+    """Pre-norm cross-attention block (thesis ``TransformerBlock(self_attend=False)``):
+    ``x = x + proj(attention(q(norm1(x)), kv(ctx_norm(ctx))))``; ``x = x + mlp(norm2(x))``.
+    ``x`` ``(B, M, C)``, ``ctx`` ``(B, N, C)`` -> ``(B, M, C)``."""
+
+    def __init__(self, dim: int, num_heads: int, feedforward: dict, norm: dict, backend: str = "auto"):
+        super().__init__()
+        self.num_heads, self.backend = num_heads, backend
+        self.norm1 = build_component("norm", norm)
+        self.ctx_norm = build_component("norm", norm)
+        self.to_q = nn.Linear(dim, dim)
+        self.to_kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = build_component("norm", norm)
+        self.mlp = build_component("feedforward", feedforward)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(t.shape[0], t.shape[1], self.num_heads, -1).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        q = self._heads(self.to_q(self.norm1(x)))
+        k, v = (self._heads(t) for t in self.to_kv(self.ctx_norm(ctx)).chunk(2, dim=-1))
+        o = attention(q, k, v, backend=self.backend).transpose(1, 2).reshape(x.shape)
+        x = x + self.proj(o)
+        return x + self.mlp(self.norm2(x))
+
+
+def _projection(norm: dict, in_chs: int, out_chs: int) -> nn.Module:
+    """LayerNorm + Linear between two widths (thesis ``Codec.proj``), identity when they match."""
+    if in_chs == out_chs:
+        return nn.Identity()
+    return nn.Sequential(build_component("norm", norm), nn.Linear(in_chs, out_chs))
+
+
+class Codec(nn.Module):
+    """Transition ``i -> i + 1`` of an SFT (thesis ``Codec`` with ``TwoStepCodec``), at level
+    ``i``'s width ``C``; resolved numbers from :class:`~hfactory.spec.sft.SFTTransitionPlan`.
+
+    - :meth:`forward_step`: ``fwd_self`` blocks on each group of level ``i``, then the group's
+      queries (``query`` the first time, else level ``i + 1`` narrowed by ``down``) pass the
+      ``fwd_cross`` blocks (attending to the group, or to ``[queries; group]``); ``up`` widens
+      them into level ``i + 1``. Returns both refined levels.
+    - :meth:`backward_step` (built when ``backward``): level ``i``'s groups pass ``bwd_cross``
+      (attending to their group of level ``i + 1`` narrowed by ``down``) and ``bwd_self``.
+    """
+
+    def __init__(self, plan: SFTTransitionPlan, backward: bool):
+        super().__init__()
+        self.group_size, self.queries, self.groups = plan.group_size, plan.queries, plan.groups
+        self.attend_to_query = plan.attend_to_query
+        c, backend = plan.in_chs, plan.self_attention.get("backend", "auto")
+
+        def self_block():
+            return Block(c, build_component("token_mixer", plan.self_attention),
+                         build_component("feedforward", plan.feedforward), build_component("norm", plan.norm),
+                         build_component("norm", plan.norm))
+
+        def cross_block():
+            return CrossBlock(c, plan.num_heads, plan.feedforward, plan.norm, backend)
+
+        t, x = plan.forward_layers
+        self.fwd_self = nn.ModuleList(self_block() for _ in range(t))
+        self.query = nn.Parameter(torch.zeros(math.prod(plan.queries), c))
+        nn.init.normal_(self.query, std=0.02)
+        self.fwd_cross = nn.ModuleList(cross_block() for _ in range(x))
+        self.up = _projection(plan.norm, c, plan.out_chs)
+        self.backward = backward
+        if backward:
+            x, t = plan.backward_layers
+            self.down = _projection(plan.norm_out, plan.out_chs, c)
+            self.bwd_cross = nn.ModuleList(cross_block() for _ in range(x))
+            self.bwd_self = nn.ModuleList(self_block() for _ in range(t))
+
+    def _groups_of(self, fine: torch.Tensor) -> tuple[int, ...]:
+        return tuple(n // s for n, s in zip(fine.shape[1:-1], self.group_size))
+
+    def forward_step(self, fine: torch.Tensor, coarse: Optional[torch.Tensor] = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``fine`` ``(B, *grid_i, C_i)``, ``coarse`` ``(B, *grid_i+1, C_i+1)`` or None (first sweep)
+        -> refined ``(fine, coarse)``."""
+        b, groups = fine.shape[0], self._groups_of(fine)
+        ctx = group_tokens(fine, self.group_size)
+        for blk in self.fwd_self:
+            ctx = blk(ctx)
+        if coarse is None:
+            q = self.query.repeat(ctx.shape[0], 1, 1)  # a copy: a no-grad view of a parameter upsets hooks
+        else:
+            q = self.down(group_tokens(coarse, self.queries))
+        kv = torch.cat([q, ctx], dim=1) if self.attend_to_query else ctx
+        for blk in self.fwd_cross:
+            q = blk(q, kv)
+        return ungroup_tokens(ctx, b, groups, self.group_size), ungroup_tokens(self.up(q), b, groups, self.queries)
+
+    def backward_step(self, fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        """Refine ``fine`` ``(B, *grid_i, C_i)`` from ``coarse`` ``(B, *grid_i+1, C_i+1)``."""
+        b, groups = fine.shape[0], self._groups_of(fine)
+        x = group_tokens(fine, self.group_size)
+        ctx = self.down(group_tokens(coarse, self.queries))
+        kv = torch.cat([x, ctx], dim=1) if self.attend_to_query else ctx
+        for blk in self.bwd_cross:
+            x = blk(x, kv)
+        for blk in self.bwd_self:
+            x = blk(x)
+        return ungroup_tokens(x, b, groups, self.group_size)
+
+
+class SFTEncoder(nn.Module):
+    """An SFT built from an :class:`~hfactory.spec.sft.SFTSpec`: images ``(B, C, H, W)`` ->
+    levels ``(B, C_i, H_i, W_i)`` (every level is a feature map) and logits.
+
+    Attributes: ``spec``, ``plan``, ``stem`` (patch embedding conv), ``codecs`` (one
+    :class:`Codec` per transition), ``norm`` and ``head`` (pooled top level -> classes).
+    """
+
+    def __init__(self, spec: SFTSpec, plan: Optional[SFTPlan] = None):
+        super().__init__()
+        self.spec, self.plan = spec, plan or resolve_sft(spec)
+        if len(self.plan.img_size) != 2:
+            raise PlanError("img_size", "the SFT image stem and head are 2-D; the level mechanics (group_tokens, "
+                            "Codec) work on grids of any rank but need another stem")
+        c0 = self.plan.levels[0].chs
+        self.stem = nn.Conv2d(self.plan.in_chans, c0, self.plan.patch_size, self.plan.patch_size)
+        self.codecs = nn.ModuleList(Codec(t, self.plan.builds_backward) for t in self.plan.transitions)
+        self.norm = build_component("norm", self.plan.head_norm)
+        top = self.plan.levels[-1].chs
+        self.head = nn.Linear(top, self.plan.num_classes) if self.plan.num_classes > 0 else nn.Identity()
+        self.apply(_init_weights)
+        self._pos_cache: dict = {}
+
+    @property
+    def num_features(self) -> int:
+        return self.plan.levels[-1].chs
+
+    @property
+    def feature_info(self) -> list[dict]:
+        return [dict(num_chs=lv.chs, reduction=lv.reduction[0], module=f"levels.{lv.index}") for lv in self.plan.levels]
+
+    def _pos(self, grid: tuple[int, ...], dim: int, ref: torch.Tensor) -> torch.Tensor:
+        key = (grid, dim, ref.device, ref.dtype)
+        if key not in self._pos_cache:
+            self._pos_cache[key] = sincos_pos_embed(grid, dim).to(ref.device, ref.dtype)
+        return self._pos_cache[key]
+
+    def forward_levels(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Images -> every level after ``n_passes`` sweeps, channels-last ``(B, *grid_i, C_i)``.
+
+        Raises:
+            PlanError: an input size the patch or group sizes do not divide.
+        """
+        if x.ndim != 4 or x.shape[1] != self.plan.in_chans:
+            raise ValueError(f"expected images (B, {self.plan.in_chans}, H, W), got {tuple(x.shape)}")
+        if tuple(x.shape[2:]) != self.plan.img_size and not torch.compiler.is_compiling():
+            resolve_sft(self.spec.model_copy(update={"img_size": tuple(x.shape[2:])}))  # raises what does not fit
+        h = self.stem(x).permute(0, 2, 3, 1)
+        levels: list[Optional[torch.Tensor]] = [h + self._pos(tuple(h.shape[1:3]), h.shape[-1], h)]
+        levels += [None] * len(self.codecs)
+        for p in range(self.plan.n_passes):
+            if p % 2 == 0:  # forward sweep 0 -> L
+                for i, codec in enumerate(self.codecs):
+                    levels[i], levels[i + 1] = codec.forward_step(levels[i], levels[i + 1])
+            else:  # backward sweep L -> 0
+                for i in reversed(range(len(self.codecs))):
+                    levels[i] = self.codecs[i].backward_step(levels[i], levels[i + 1])
+        return levels
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, list[int]]] = None,
+                              norm: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm-style: the levels ``indices`` (None = all; int n = last n; negatives ok) as NCHW (or
+        NHWC) maps; ``norm`` applies ``norm`` to the top level. Returns the list, or
+        ``(top level NCHW, list)``."""
+        from .encoder import feature_take_indices
+
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt {output_fmt!r}: valid are 'NCHW' and 'NHWC'")
+        take, _ = feature_take_indices(len(self.plan.levels), indices)
+        levels = self.forward_levels(x)
+        out = []
+        for i in take:
+            y = self.norm(levels[i]) if norm and i == len(levels) - 1 else levels[i]
+            out.append(y.permute(0, 3, 1, 2) if output_fmt == "NCHW" else y)
+        return out if intermediates_only else (levels[-1].permute(0, 3, 1, 2), out)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> the top level ``(B, C_L, H_L, W_L)``."""
+        return self.forward_levels(x)[-1].permute(0, 3, 1, 2)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Top level NCHW -> mean over tokens -> ``norm`` -> ``head``."""
+        x = self.norm(x.mean(dim=(2, 3)))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def no_weight_decay(self) -> set[str]:
+        """The learnable queries (like position embeddings)."""
+        return {n for n, _ in self.named_parameters() if n.endswith(".query")}
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Conv2d):  # patchify stem initialised like a Linear (thesis)
+        nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def load_sft_spec(source: Union[str, os.PathLike, dict, SFTSpec]) -> SFTSpec:
+    """An :class:`SFTSpec` from a path, YAML text, a dict or a spec (pydantic errors name the field)."""
+    if isinstance(source, SFTSpec):
+        return source
+    if isinstance(source, dict):
+        return SFTSpec.model_validate(source)
+    text = str(source)
+    if os.path.isfile(text):
+        with open(text, encoding="utf-8") as f:
+            text = f.read()
+    return SFTSpec.model_validate(load_yaml(text))
+
+
+def build_sft(source: Union[str, os.PathLike, dict, SFTSpec], **overrides) -> SFTEncoder:
+    """Validate, plan and build an SFT (``overrides`` replace top-level spec fields)."""
+    spec = load_sft_spec(source)
+    if overrides:
+        spec = SFTSpec.model_validate({**spec.model_dump(mode="json", exclude_none=True), **overrides})
+    return SFTEncoder(spec)

@@ -1,0 +1,198 @@
+"""SFT (the thesis repo's iteratively refined hierarchical RAM): the plan's level arithmetic and
+errors, level mechanics on grids of any rank, the cross-attention block against plain math, the
+sweeps against a transcription of the thesis's activation bookkeeping (query mode / context mode,
+``update_activations``), gradients, and a short digits run."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hfactory import PlanError
+from hfactory.sft import CrossBlock, build_sft, group_tokens, load_sft_spec, sincos_pos_embed, ungroup_tokens
+from hfactory.spec.sft import resolve_sft
+
+EXAMPLE = "examples/sft/digits.yaml"
+
+
+def spec(**over):
+    data = load_sft_spec(EXAMPLE).model_dump(mode="json", exclude_none=True)
+    data.update(over)
+    return load_sft_spec(data)
+
+
+def test_plan_levels_match_the_thesis_base_config():
+    # thesis configs/models/encoders/sft/imagenet/no_rec/base-4.yaml: 56^2 -> 32^2 -> 16^2 -> 8^2 -> 4^2
+    base = load_sft_spec({
+        "img_size": 224, "patch_size": 4, "embedding": 128, "levels": [
+            {"group_size": 7, "queries": 4, "embedding": 256, "num_heads": 4, "forward_layers": [1, 1]},
+            {"group_size": 8, "queries": 4, "embedding": 512, "num_heads": 8, "forward_layers": [1, 1]},
+            {"group_size": 8, "queries": 4, "embedding": 1024, "num_heads": 16, "forward_layers": [16, 2]},
+            {"group_size": 8, "queries": 4, "embedding": 1024, "num_heads": 32, "forward_layers": [1, 1]}]})
+    plan = resolve_sft(base)
+    assert [lv.grid for lv in plan.levels] == [(56, 56), (32, 32), (16, 16), (8, 8), (4, 4)]
+    assert [lv.chs for lv in plan.levels] == [128, 256, 512, 1024, 1024]
+    assert [t.groups for t in plan.transitions] == [(8, 8), (4, 4), (2, 2), (1, 1)]
+    assert [t.dim_head for t in plan.transitions] == [32, 32, 32, 32]  # codec at level i's width
+    assert not plan.builds_backward  # n_passes 1: forward only, as the thesis builds no backward codecs
+
+
+def test_plan_errors_name_the_field():
+    with pytest.raises(PlanError, match="valid: 1, 2, 4, 8") as err:
+        resolve_sft(spec(levels=[{"group_size": 3, "queries": 1, "embedding": 32, "num_heads": 2}]))
+    assert err.value.loc == "levels.0.group_size"
+    with pytest.raises(PlanError, match="widths may not shrink") as err:
+        resolve_sft(spec(levels=[{"group_size": 4, "queries": 2, "embedding": 16, "num_heads": 2}]))
+    assert err.value.loc == "levels.0.embedding"
+    with pytest.raises(PlanError, match="does not divide level 0's width 32") as err:
+        resolve_sft(spec(levels=[{"group_size": 4, "queries": 2, "embedding": 32, "num_heads": 3}]))
+    assert err.value.loc == "levels.0.num_heads"
+    with pytest.raises(PlanError, match="patch 3 does not divide"):
+        resolve_sft(spec(patch_size=3))
+    with pytest.raises(Exception, match="unknown key 'group'"):
+        spec(levels=[{"group": 4, "queries": 2, "embedding": 32, "num_heads": 2}])
+
+
+@pytest.mark.parametrize("grid,group", [((12,), (4,)), ((4, 6), (2, 3)), ((2, 4, 6), (1, 2, 3))])
+def test_level_mechanics_work_on_any_rank(grid, group):
+    x = torch.arange(2 * math.prod(grid) * 3, dtype=torch.float32).reshape(2, *grid, 3)
+    g = group_tokens(x, group)
+    groups = tuple(n // s for n, s in zip(grid, group))
+    assert g.shape == (2 * math.prod(groups), math.prod(group), 3)
+    torch.testing.assert_close(ungroup_tokens(g, 2, groups, group), x)
+    # the first group holds the first block of the grid
+    first = x[(0, *(slice(0, s) for s in group))].reshape(-1, 3)
+    torch.testing.assert_close(g[0], first)
+    assert sincos_pos_embed(grid, 8).shape == (*grid, 8)
+
+
+def test_cross_block_is_pre_norm_cross_attention():
+    torch.manual_seed(0)
+    blk = CrossBlock(8, 2, {"kind": "mlp", "dim": 8, "hidden_features": 16, "activation": "gelu", "bias": True,
+                            "drop": 0.0}, {"kind": "layernorm", "dim": 8, "eps": 1e-5, "bias": True})
+    x, ctx = torch.randn(3, 4, 8), torch.randn(3, 5, 8)
+    with torch.no_grad():
+        q = blk.to_q(F.layer_norm(x, (8,))).reshape(3, 4, 2, 4).transpose(1, 2)
+        k, v = (t.reshape(3, 5, 2, 4).transpose(1, 2) for t in blk.to_kv(F.layer_norm(ctx, (8,))).chunk(2, -1))
+        a = ((q @ k.transpose(-1, -2)) / 2).softmax(-1) @ v
+        y = x + blk.proj(a.transpose(1, 2).reshape(3, 4, 8))
+        want = y + blk.mlp.fc2(F.gelu(blk.mlp.fc1(F.layer_norm(y, (8,)))))
+        torch.testing.assert_close(blk(x, ctx), want, rtol=1e-5, atol=1e-6)
+
+
+def thesis_sweeps(model, x):
+    """The thesis's SFTBackbone.update_activations bookkeeping, transcribed: activation ``i`` is in
+    context mode (a grid) at the current position and in query mode (grouped tokens, at the
+    codec's width) elsewhere; codec(i -> i+1) returns (new context, new query); the backward codec
+    projects the coarse context first and leaves it, projected, in query mode. Returns the final
+    context (the top level) after ``n_passes`` sweeps. Uses the model's blocks as black boxes."""
+    h = model.stem(x).permute(0, 2, 3, 1)
+    a = {0: h + sincos_pos_embed(tuple(h.shape[1:3]), h.shape[-1])}
+    pos, stop, step, L = 0, len(model.codecs), 1, len(model.codecs)
+    b = x.shape[0]
+    for p in range(model.plan.n_passes):
+        for i in range(pos, stop, step):
+            i1 = i + step
+            j = min(i, i1)
+            codec = model.codecs[j]
+            t = model.plan.transitions[j]
+            if step == 1:  # forward codec: context a[i] (grid), query a[i1] (query mode or None)
+                ctx = group_tokens(a[i], t.group_size)
+                for blk in codec.fwd_self:
+                    ctx = blk(ctx)
+                q = a.get(i1)
+                if q is None:
+                    q = codec.query.expand(ctx.shape[0], -1, -1)
+                for blk in codec.fwd_cross:
+                    q = blk(q, ctx)
+                a[i1] = ungroup_tokens(codec.up(q), b, t.groups, t.queries)  # context mode
+                a[i] = ctx  # query mode
+            else:  # backward codec: context a[i] (coarse grid), query a[i1] (fine, query mode)
+                ctx = codec.down(group_tokens(a[i], t.queries))
+                q = a[i1]
+                for blk in codec.bwd_cross:
+                    q = blk(q, ctx)
+                for blk in codec.bwd_self:
+                    q = blk(q)
+                a[i1] = ungroup_tokens(q, b, t.groups, t.group_size)  # context mode
+                a[i] = ctx  # query mode, projected
+        pos, stop = stop, pos
+        step = -step
+    return a[pos]
+
+
+@pytest.mark.parametrize("n_passes", [1, 2, 3, 5])
+def test_sweeps_match_the_thesis_bookkeeping(n_passes):
+    torch.manual_seed(n_passes)
+    model = build_sft(spec(n_passes=n_passes)).eval()
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        levels = model.forward_levels(x)
+        want = thesis_sweeps(model, x)
+    last = levels[0] if n_passes % 2 == 0 else levels[-1]  # where the last sweep ended, in context mode
+    torch.testing.assert_close(last, want, rtol=1e-4, atol=1e-5)
+    assert [tuple(t.shape[1:]) for t in levels] == [(*lv.grid, lv.chs) for lv in model.plan.levels]
+    assert hasattr(model.codecs[0], "down") == (n_passes > 1)
+
+
+def test_backbone_api_returns_every_level():
+    model = build_sft(EXAMPLE).eval()
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x)
+        nhwc = model.forward_intermediates(x, indices=[-1], output_fmt="NHWC", intermediates_only=True)
+        logits = model(x)
+    assert [tuple(m.shape) for m in maps] == [(2, 32, 8, 8), (2, 48, 4, 4), (2, 64, 2, 2)]
+    torch.testing.assert_close(final, maps[-1])
+    torch.testing.assert_close(nhwc[0], maps[-1].permute(0, 2, 3, 1))
+    assert logits.shape == (2, 10)
+    assert [f["reduction"] for f in model.feature_info] == [2, 4, 8]
+    assert model.no_weight_decay() == {"codecs.0.query", "codecs.1.query"}
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 32, 32)).shape == (1, 10)  # any size the groups divide
+    with pytest.raises(PlanError, match="group_size"):
+        model(torch.randn(1, 1, 20, 20))
+
+
+@pytest.mark.parametrize("n_passes", [1, 2, 3])
+def test_gradients_reach_every_parameter(n_passes):
+    model = build_sft(spec(n_passes=n_passes))
+    levels = model.forward_levels(torch.randn(2, 1, 16, 16))
+    # every level is a feature: a loss on all of them reaches every codec part that ran
+    loss = sum(t.square().mean() for t in levels) + model.forward_head(levels[-1].permute(0, 3, 1, 2)).sum()
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+def test_short_digits_training_beats_chance():
+    pytest.importorskip("sklearn")
+    from hfactory.train import evaluate
+    from hfactory.train.data import load_digits
+    from hfactory.train.loop import WarmupCosine, param_groups
+
+    torch.manual_seed(0)
+    model = build_sft(EXAMPLE)  # 3 passes: forward, backward, forward
+    data = load_digits((16, 16), 1)
+    x, y = data.train.tensors
+    epochs, steps = 4, math.ceil(len(y) / 32)
+    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=3e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(steps, epochs * steps))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a shared 2-core machine one thread is much faster than two
+    try:
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(epochs):
+            for idx in torch.randperm(len(y), generator=gen).split(32):
+                loss = F.cross_entropy(model(x[idx]), y[idx], label_smoothing=0.1)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+        acc = evaluate(model, data.test)["test_accuracy"]
+    finally:
+        torch.set_num_threads(threads)
+    assert acc > 0.5  # chance is 0.1; about 0.75 with this seed
