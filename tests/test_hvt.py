@@ -109,7 +109,7 @@ def tiny_spec(width: int, img: int = 64, patch: int = 8, dim: int = 32, heads: i
     assert (depth - 1) % width, "a pooling after the last block is not expressible"
     depths = [1] + [b - a for a, b in zip(bounds, bounds[1:])]
     stages = [{"embedding": dim, "depth": d} for d in depths]
-    stages[0]["downsample"] = {"kind": "conv", "patch_size": patch}
+    stages[0].update(downsample={"kind": "conv", "patch_size": patch}, pos_embed="learned")
     spec.update(img_size=img, num_classes=num_classes, in_chans=in_chans, stages=stages, drop_path_rate=0.0)
     spec["defaults"]["num_heads"] = heads
     return load_spec(spec)
@@ -119,7 +119,7 @@ def load_ref_into(ours, ref):
     """Map the reference's weights onto the hfactory model (block i -> its stage and index)."""
     state = {"stages.0.downsample.conv.weight": ref.patch_embed.weight,
              "stages.0.downsample.conv.bias": ref.patch_embed.bias,
-             "stages.0.pos_embed.pos_embed": ref.pos_embed,
+             "stages.0.pos_embed.pos_embed": ref.pos_embed.reshape(1, *ours.plan.stages[0].out_grid, -1),
              "norm.weight": ref.norm.weight, "norm.bias": ref.norm.bias,
              "head.fc.weight": ref.head.weight, "head.fc.bias": ref.head.bias}
     where = [(s.index, j) for s in ours.plan.stages for j in range(s.depth)]

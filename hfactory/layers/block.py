@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .layout import pool_hw
+from .layout import TokenLinear, pool_hw
 
 __all__ = ["Block", "DropPath", "Scale"]
 
@@ -69,7 +69,7 @@ class Block(nn.Module):
         self.q_stride = tuple(q_stride) if q_stride else None
         widen = dim_in is not None and dim_in != dim
         self.max_avg = widen and expand == "max_avg"
-        self.proj = nn.Linear(dim_in, dim) if widen and not self.max_avg else None
+        self.proj = TokenLinear(dim_in, dim) if widen and not self.max_avg else None
         self.norm1, self.token_mixer = norm1, token_mixer
         self.drop_path1 = DropPath(drop_path)
         self.layer_scale1 = Scale(dim, layer_scale) if layer_scale is not None else nn.Identity()

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .layout import TokenLinear
+
 __all__ = ["Mlp", "StarReLU", "SquaredReLU", "make_activation"]
 
 
@@ -49,10 +51,10 @@ class Mlp(nn.Module):
     def __init__(self, dim: int, hidden_features: int, activation: str = "gelu", bias: bool = True,
                  drop: float = 0.0):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_features, bias=bias)
+        self.fc1 = TokenLinear(dim, hidden_features, bias=bias)
         self.act = make_activation(activation)
         self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden_features, dim, bias=bias)
+        self.fc2 = TokenLinear(hidden_features, dim, bias=bias)
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from torch import nn
 
 from .attention import attention
 from .feedforward import make_activation
-from .layout import pool_hw
+from .layout import TokenLinear, pool_hw
 
 __all__ = ["Attention", "MaskUnitAttention", "Pooling", "SepConv", "Identity", "apply_rotary"]
 
@@ -53,8 +53,8 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.q_stride = tuple(q_stride) if q_stride else None
         inner = num_heads * dim_head
-        self.qkv = nn.Linear(dim_in or dim, 3 * inner, bias=qkv_bias)
-        self.proj = nn.Linear(inner, dim, bias=proj_bias)
+        self.qkv = TokenLinear(dim_in or dim, 3 * inner, bias=qkv_bias)
+        self.proj = TokenLinear(inner, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
@@ -108,11 +108,11 @@ class SepConv(nn.Module):
     def __init__(self, dim: int, hidden_chs: int, kernel_size: int = 7, activation: str = "star_relu",
                  bias: bool = False):
         super().__init__()
-        self.pwconv1 = nn.Linear(dim, hidden_chs, bias=bias)
+        self.pwconv1 = TokenLinear(dim, hidden_chs, bias=bias)
         self.act1 = make_activation(activation)
         self.dwconv = nn.Conv2d(hidden_chs, hidden_chs, kernel_size, padding=kernel_size // 2,
                                 groups=hidden_chs, bias=bias)
-        self.pwconv2 = nn.Linear(hidden_chs, dim, bias=bias)
+        self.pwconv2 = TokenLinear(hidden_chs, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.pwconv1(x))

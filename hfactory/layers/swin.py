@@ -17,6 +17,7 @@ from torch import nn
 from ..spec.swin import padded_grid, window_and_shift
 from .attention import attention
 from .downsample import build_norm
+from .layout import TokenLinear
 
 __all__ = ["WindowAttention", "PatchMerging", "relative_position_index", "window_mask", "SHIFT_MASK_VALUE"]
 
@@ -108,8 +109,8 @@ class WindowAttention(nn.Module):
         self.register_buffer("relative_position_index", relative_position_index(self.window_size), persistent=False)
         self.register_buffer("attn_mask", window_mask(self.grid, self.padded_grid, self.window_size,
                                                       self.shift_size), persistent=False)
-        self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
-        self.proj = nn.Linear(inner, dim, bias=proj_bias)
+        self.qkv = TokenLinear(dim, 3 * inner, bias=qkv_bias)
+        self.proj = TokenLinear(inner, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def extra_repr(self) -> str:
@@ -162,7 +163,7 @@ class PatchMerging(nn.Module):
     def __init__(self, in_chs: int, out_chs: int, norm: Optional[dict] = None):
         super().__init__()
         self.norm = build_norm(norm)
-        self.reduction = nn.Linear(4 * in_chs, out_chs, bias=False)
+        self.reduction = TokenLinear(4 * in_chs, out_chs, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
