@@ -150,9 +150,10 @@ def test_unit_local_grid_components_run_inside_units_exactly():
     grid.load_state_dict({k.replace(".inner.", "."): v for k, v in randomize_(units).state_dict().items()})
     x = images(2, (64, 64))
     with torch.no_grad():
-        (a, maps_a), (b, maps_b) = units.forward_intermediates(x), grid.forward_intermediates(x)
+        (final_a, maps_a), (final_b, maps_b) = units.forward_intermediates(x), grid.forward_intermediates(x)
     for i, (m, n) in enumerate(zip(maps_a, maps_b)):
         assert_rel_close(m, n, rel=1e-5, what=f"stage {i}")
+    assert_rel_close(final_a, final_b, rel=1e-5, what="final map")
     assert_rel_close(units(x), grid(x), rel=1e-5, what="logits")
 
 
@@ -177,7 +178,8 @@ def test_sparse_forward_of_unit_local_spec_equals_dense_forward_of_the_visible_i
 
 
 def test_keeping_every_unit_is_the_dense_forward():
-    spec = spec_with(UNIT_LOCAL, stages=[*UNIT_LOCAL["stages"][:2], {**UNIT_LOCAL["stages"][2], "token_mixer": "attention"}])
+    last = {**UNIT_LOCAL["stages"][2], "token_mixer": "attention"}
+    spec = spec_with(UNIT_LOCAL, stages=[*UNIT_LOCAL["stages"][:2], last])
     model = randomize_(build_encoder(spec)).eval()
     x = images(2, (64, 64))
     with torch.no_grad():
@@ -338,7 +340,8 @@ def test_save_and_reload_and_backward_reaches_every_parameter(tmp_path):
 
 # --------------------------------------------------------------------------------- pretrain
 
-FAST = ["--batch-size", "128", "--lr", "3e-3", "--no-progress", "--epochs", "2", "--warmup-epochs", "0.5", "--threads", "1"]
+FAST = ["--batch-size", "128", "--lr", "3e-3", "--no-progress", "--epochs", "2", "--warmup-epochs", "0.5",
+        "--threads", "1"]
 STEPS = 12  # ceil(1437 / 128) per epoch
 
 

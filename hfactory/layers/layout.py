@@ -80,8 +80,13 @@ class TokenLinear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() >= 3 and x.device.type == "cpu" and x.numel() > 0:
+        if (x.dim() >= 3 and x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and x.numel() > 0
+                and torch.backends.mkldnn.enabled):
             y = F.conv2d(x.reshape(1, 1, -1, self.in_features).permute(0, 3, 1, 2),
                          self.weight[:, :, None, None], self.bias, dilation=2)
             return y.permute(0, 2, 3, 1).reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
+
+
+#: dtypes for which :class:`TokenLinear` uses oneDNN (empty when PyTorch was built without it).
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16) if torch.backends.mkldnn.is_available() else ()

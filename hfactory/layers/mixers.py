@@ -53,6 +53,7 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.q_stride = tuple(q_stride) if q_stride else None
         inner = num_heads * dim_head
+        # TokenLinear: an nn.Linear that runs on oneDNN on the CPU (speed, see its docstring).
         self.qkv = TokenLinear(dim_in or dim, 3 * inner, bias=qkv_bias)
         self.proj = TokenLinear(inner, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -108,6 +109,7 @@ class SepConv(nn.Module):
     def __init__(self, dim: int, hidden_chs: int, kernel_size: int = 7, activation: str = "star_relu",
                  bias: bool = False):
         super().__init__()
+        # TokenLinear: an nn.Linear that runs on oneDNN on the CPU (speed, see its docstring).
         self.pwconv1 = TokenLinear(dim, hidden_chs, bias=bias)
         self.act1 = make_activation(activation)
         self.dwconv = nn.Conv2d(hidden_chs, hidden_chs, kernel_size, padding=kernel_size // 2,

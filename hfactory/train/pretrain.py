@@ -40,7 +40,7 @@ TASK = "mae_pretrain"
 @dataclass
 class PretrainConfig:
     """Pretraining options (``hfactory pretrain --help``); the defaults pretrain
-    ``examples/mae_digits.yaml`` on digits in about a minute on a CPU.
+    ``examples/mae_digits.yaml`` on digits in about two minutes on two CPU cores.
 
     ``mask_ratio=None`` uses the spec's ``mae.mask_ratio``; the other fields mean what they mean
     in :class:`hfactory.train.TrainConfig`. ``batch_size`` is the global batch.
