@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "sweep", help="variants of a spec from a grid of changes, measured on the meta device",
         description="Every combination of the --grid values is a variant (keys: spec paths, '*' for every "
-        "stage, or depth_scale / embedding_scale for the scaling rule's multipliers). Prints one row per "
+        "stage, or depth_scale / embedding_scale / pooling_stages for the scaling rule's fields). Prints one row per "
         "variant: parameters, GMACs, activation memory (as `summary`) and tokens per stage; --out DIR "
         "writes each variant's YAML, with its lineage.")
     add_spec_argument(p)

@@ -2,8 +2,9 @@
 
 A grid maps keys to value lists; every combination is a variant. Keys are spec paths (as
 :func:`hfactory.spec.variants.with_changes` takes them, ``*`` for every stage) or the scaling
-rule's shorthands ``depth_scale`` and ``embedding_scale`` (:class:`ScalingRule`'s
-``depth_multiplier`` and ``width_multiplier``); the rule is applied first, then the paths.
+rule's shorthands ``depth_scale``, ``embedding_scale`` and ``pooling_stages`` (:class:`ScalingRule`'s
+``depth_multiplier``, ``width_multiplier`` and ``pooling_stages``); the rule is applied first, then
+the paths.
 
 Per-stage numbers (parameters, GMACs, activation memory; definitions in :mod:`hfactory.summary`)
 are cached by the stage's resolved plan and input shape, so a sweep that changes one stage
@@ -26,7 +27,8 @@ from .spec.variants import OverrideError, scale
 
 __all__ = ["expand_grid", "sweep", "parse_grid", "format_sweep", "RULE_KEYS"]
 
-RULE_KEYS = {"depth_scale": "depth_multiplier", "embedding_scale": "width_multiplier"}
+RULE_KEYS = {"depth_scale": "depth_multiplier", "embedding_scale": "width_multiplier",
+             "pooling_stages": "pooling_stages"}
 
 
 def parse_grid(text: str) -> tuple[str, list]:

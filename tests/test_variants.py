@@ -5,9 +5,10 @@ import torch
 from pydantic import ValidationError
 
 import hfactory
-from hfactory import PlanError
+from hfactory import PlanError, build_encoder, resolve
 from hfactory.encoder import HierarchicalEncoder
 from hfactory.spec.variants import OverrideError, ScalingRule, parse_assignment, scale
+from reference_utils import randomize_
 
 timm = pytest.importorskip("timm")
 
@@ -155,3 +156,40 @@ def test_cli_set_and_sweep(tmp_path, capsys):
     assert len(list(tmp_path.glob("*.yaml"))) == 2
     assert main(["sweep", "poolformer_s12", "--grid", "stages.3.depth="]) == 2
     assert "no values" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ HVT: number of pooling stages
+
+@pytest.mark.parametrize("base", ["hvt_s_0", "hvt_s_4"])
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 4])
+def test_pooling_stages_rule_rebuilds_hvt_s_n_block_for_block(base, n):
+    # HVT's README table "More Pooling Stages with HVT-S": HVT-S-n pools after blocks 0, w, 2w, ...
+    # with w = 12 / n (MonashAI/HVT config/*.json pool_block_width 12, 6, 4, 3).
+    ref_spec = hfactory.load_preset(f"hvt_s_{n}")
+    spec = scale(hfactory.load_preset(base), {"pooling_stages": n})
+    assert [s.depth for s in resolve(spec).stages] == [s.depth for s in resolve(ref_spec).stages]
+    ref = randomize_(build_encoder(ref_spec)).eval()
+    model = build_encoder(spec).eval()
+    model.load_state_dict(ref.state_dict(), strict=True)  # same keys and shapes
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(n))
+    with torch.no_grad():
+        assert torch.equal(model(x), ref(x))
+    assert spec.lineage.base == base and spec.lineage.rule["pooling_stages"] == n
+
+
+def test_pooling_stages_rule_errors_and_options():
+    from hfactory.spec.variants import pooling_split
+
+    assert pooling_split(12, 3) == [1, 4, 4, 3] and pooling_split(12, 6) == [1, 2, 2, 2, 2, 2, 1]
+    hvt = hfactory.load_preset("hvt_s_0")
+    with pytest.raises(OverrideError, match=r"pooling_stages: 5 poolings .* achievable: 0, 1, 2, 3, 4, 6"):
+        scale(hvt, {"pooling_stages": 5})
+    with pytest.raises(OverrideError, match=r"constant-width .* widths \[96, 192, 384, 768\]"):
+        scale(hfactory.load_preset("swin_tiny_patch4_window7_224"), {"pooling_stages": 2})
+    with pytest.raises(ValidationError):
+        ScalingRule.model_validate({"pooling_stages": -1})
+    # Another pooling downsampler for the pooled stages, and depth scaling before the re-split.
+    spec = scale(hvt, {"pooling_stages": 2, "depth_multiplier": 2,
+                       "pooling": {"kind": "max_pool_1d", "kernel_size": 2, "stride": 2}})
+    plan = resolve(spec)
+    assert [s.depth for s in plan.stages] == [1, 12, 11] and [s.seq_len for s in plan.stages] == [196, 98, 49]

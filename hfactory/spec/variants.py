@@ -8,7 +8,9 @@ index out of range fails with the path and the valid keys; the changed spec is t
 
 Scaling rules derive a family from one spec by per-stage depth and width multipliers, with widths
 rounded to a multiple of the head dimension (or a given divisor), as the named sizes of MetaFormer
-(S/M/B), Swin (T/S/B/L) and Hiera (T/S/B/B+/L/H) relate to each other.
+(S/M/B), Swin (T/S/B/L) and Hiera (T/S/B/B+/L/H) relate to each other, and by the number of
+pooling stages of a constant-width token-pooling ViT (HVT's "more pooling stages" table:
+HVT-S-0 ... HVT-S-4, arXiv 2103.10619).
 
 No torch here.
 """
@@ -24,7 +26,7 @@ from .. import registry
 from .base import StrictModel, did_you_mean
 from .model import EncoderSpec, HeadSpec, Lineage, StageDefaults, StageSpec
 
-__all__ = ["with_changes", "scale", "ScalingRule", "Lineage", "OverrideError", "parse_assignment"]
+__all__ = ["with_changes", "scale", "ScalingRule", "Lineage", "OverrideError", "parse_assignment", "pooling_split"]
 
 #: Fields holding a component, by the slot they are looked up in.
 _COMPONENT_FIELDS = {"token_mixer": "token_mixer", "downsample": "downsample", "feedforward": "feedforward",
@@ -183,6 +185,16 @@ class ScalingRule(StrictModel):
     ``width_divisor`` (default: the stage's head dimension with ``heads: keep_dim_head``, else 8).
     ``heads``: ``keep_dim_head`` (heads follow the width: MetaFormer, Swin) or ``keep_num_heads``
     (the head count stays, times ``head_multiplier``: Hiera's B+/L/H).
+
+    ``pooling_stages`` (after the multipliers) re-splits the blocks of a constant-width spec the
+    way HVT places its pooling (MonashAI/HVT ``models.py``: pool after block ``i`` when
+    ``i % pool_block_width == 0``, block 0 included): with ``T`` blocks and ``n`` poolings,
+    ``w = ceil(T / n)`` and the stages are ``[1] + [w] * (n - 1) + [T - 1 - w * (n - 1)]``, each
+    pooled stage opening with the pooling downsampler and a new position embedding (HVT-S-2:
+    ``[1, 6, 5]``); ``0`` gives one stage of ``T`` blocks (HVT-S-0). The pooled stages copy the
+    base's stage 1 (``seq_len`` dropped: the plan recomputes it), or, when the base has a single
+    stage, get ``pooling`` as downsampler (default HVT's ``max_pool_1d``, kernel 3, stride 2) and
+    a ``learned_1d`` position embedding; ``pooling`` also replaces a copied stage's downsampler.
     """
 
     depth_multiplier: Union[float, list[float]] = Field(1.0, description="per-stage or global")
@@ -190,6 +202,9 @@ class ScalingRule(StrictModel):
     width_divisor: Optional[int] = Field(None, ge=1)
     heads: Literal["keep_dim_head", "keep_num_heads"] = "keep_dim_head"
     head_multiplier: float = Field(1.0, gt=0)
+    pooling_stages: Optional[int] = Field(None, ge=0, description="HVT: number of token-pooling stages")
+    pooling: Optional[dict[str, Any]] = Field(None, description="downsampler of the pooled stages "
+                                               "(default: the base's, else max_pool_1d k3 s2)")
 
     def per_stage(self, value, n: int, field: str) -> list[float]:
         values = value if isinstance(value, list) else [value] * n
@@ -243,6 +258,8 @@ def scale(spec: EncoderSpec, rule: Union[ScalingRule, Mapping[str, Any]], name: 
                                     f"set width_divisor to a multiple of {heads}")
             stage["num_heads"] = heads
             stage.pop("dim_head", None)
+    if rule.pooling_stages is not None:
+        data["stages"] = _pooled_stages(data["stages"], rule.pooling_stages, rule.pooling)
     if name is not None:
         data["name"] = name
     lineage = dict(data.get("lineage") or {})
@@ -252,3 +269,54 @@ def scale(spec: EncoderSpec, rule: Union[ScalingRule, Mapping[str, Any]], name: 
     scaled = EncoderSpec.model_validate(data)
     resolve(scaled)
     return scaled
+
+
+#: HVT's token pooling (MonashAI/HVT ``models.py``): ``nn.MaxPool1d(3, stride=2)`` then a new
+#: learned position embedding of the pooled length.
+_HVT_POOLING = {"kind": "max_pool_1d", "kernel_size": 3, "stride": 2}
+
+
+def pooling_split(total: int, n: int) -> list[int]:
+    """Stage depths for ``n`` HVT poolings over ``total`` blocks (see :class:`ScalingRule`):
+    ``pooling_split(12, 3) == [1, 4, 4, 3]`` (pools after blocks 0, 4, 8).
+
+    Raises:
+        OverrideError: no pooling width ``w`` gives ``n`` poolings with at least one block after
+            the last one (the achievable counts are named).
+    """
+    if n == 0:
+        return [total]
+
+    def split(w: int) -> Optional[list[int]]:
+        pools = -(-total // w)  # blocks 0, w, 2w, ... below total
+        last = total - 1 - w * (pools - 1)
+        return [1] + [w] * (pools - 1) + [last] if last >= 1 else None
+
+    # The smallest width giving n poolings is HVT's choice (12 blocks: 1 -> 12, 2 -> 6, 3 -> 4, 4 -> 3).
+    for w in range(-(-total // n), total + 1):
+        depths = split(w)
+        if depths is not None and len(depths) - 1 == n:
+            return depths
+        if -(-total // w) < n:
+            break
+    valid = sorted({0} | {len(d) - 1 for d in map(split, range(1, total + 1)) if d})
+    raise OverrideError("pooling_stages", f"{n} poolings cannot be placed every w blocks from block 0 over "
+                        f"{total} blocks with a block after the last pooling; achievable: "
+                        f"{', '.join(map(str, valid))}")
+
+
+def _pooled_stages(stages: list[dict], n: int, pooling: Optional[dict]) -> list[dict]:
+    """The stage list of :class:`ScalingRule`'s ``pooling_stages`` (stage dicts as dumped)."""
+    widths = [s["embedding"] for s in stages]
+    if len(set(widths)) != 1:
+        raise OverrideError("pooling_stages", f"re-splits the blocks of a constant-width spec (HVT, a ViT); "
+                            f"the stages have widths {widths}")
+    depths = pooling_split(sum(s["depth"] for s in stages), n)
+    if len(stages) > 1:
+        template = {k: v for k, v in stages[1].items() if k != "seq_len"}
+    else:
+        template = {"embedding": widths[0], "downsample": _HVT_POOLING, "pos_embed": {"kind": "learned_1d"}}
+        template.update({k: stages[0][k] for k in ("num_heads", "dim_head") if k in stages[0]})
+    if pooling is not None:
+        template["downsample"] = pooling
+    return [{**stages[0], "depth": depths[0]}] + [{**copy.deepcopy(template), "depth": d} for d in depths[1:]]
