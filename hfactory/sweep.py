@@ -146,7 +146,7 @@ def sweep(spec: EncoderSpec, grid: Mapping[str, list], batch: int = 1) -> list[d
             params, gmacs, act = (summary["total"][k] for k in ("params", "gmacs", "activation_bytes"))
         else:
             last = len(plan.stages) - 1
-            (h, w), r = plan.img_size, plan.stages[last].reduction
+            h, w = plan.img_size
             head_key = f"head|{plan.model_dump_json(include={'num_features', 'num_classes', 'head', 'head_norm'})}|" \
                        f"{plan.head_norm_first}|{plan.stages[last].out_grid}|{batch}"
             if head_key not in cache:

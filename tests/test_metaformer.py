@@ -101,3 +101,28 @@ def test_presets_are_listed():
     assert hfactory.list_models("caformer*") == ["caformer_s18"]
     with pytest.raises(ValueError, match="did you mean 'caformer_s18'"):
         hfactory.create_model("caformer_s81")
+
+
+def test_star_relu_fast_paths_equal_the_formula():
+    # StarReLU's hand-written backward and in-place inference path against scale * relu(x)^2 + bias
+    # differentiated by autograd (float64, so any difference is a wrong formula, not rounding).
+    from hfactory.layers.feedforward import StarReLU
+
+    ours = StarReLU(0.8944, -0.4472).double()
+    scale, bias = (p.detach().clone().requires_grad_() for p in (ours.scale, ours.bias))
+    x = torch.randn(2, 5, 5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x[0, 0, 0, :2] = 0.0  # the ReLU's kink
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, ref = ours(xa), scale * torch.relu(xb) ** 2 + bias
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    ref.backward(grad)
+    for a, b in ((y, ref), (xa.grad, xb.grad), (ours.scale.grad, scale.grad), (ours.bias.grad, bias.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        before = x.clone()
+        torch.testing.assert_close(ours(x), ref.detach(), rtol=1e-12, atol=1e-12)
+        assert torch.equal(x, before)  # the in-place path never writes into its input
+    with pytest.raises(RuntimeError):  # first order only: a second derivative is refused, not wrong
+        g, = torch.autograd.grad(ours(xa).sum(), xa, create_graph=True)
+        g.sum().backward()
