@@ -324,28 +324,9 @@ def _train(spec: EncoderSpec, out: Path, config: TrainConfig, resume: bool, ctx:
                 loss = criterion(wrapped(images), labels)
             if ctx.enabled:  # the sum of this share; scaled so DDP's average is the global mean
                 loss = loss * (ctx.world_size / n_global if real else 0.0)
-                loss_value = ctx.all_reduce_sum([loss.item()], device)[0] / ctx.world_size
-            else:
-                loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                _close(bar)
-                message = _nonfinite_message("loss", loss_value, epoch, step, out)
-                raise NonFiniteLossError(message) if ctx.is_main else D.QuietAbort(message, status=1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.clip_grad is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
-            optimizer.step()
-            scheduler.step()
+            tick = _optimizer_step(loss, n_global, model, optimizer, scheduler, config, ctx, device, bar, partial,
+                                   tick, (epoch, step, out))
             step, step_in_epoch = step + 1, step_in_epoch + 1
-            now = time.perf_counter()
-            partial["loss_sum"] += loss_value * n_global
-            partial["images"] += n_global
-            partial["train_s"] += now - tick
-            tick = now
-            if bar is not None:
-                bar.update(n_global)
-                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}", refresh=False)
             if config.stop_at_step is not None and step >= config.stop_at_step:
                 _close(bar)
                 elapsed = time.perf_counter() - run_start
@@ -416,6 +397,40 @@ def _apply_config(optimizer, scheduler, schedule: WarmupCosine, config: TrainCon
         group["weight_decay"] = config.weight_decay if decays else 0.0
         group["lr"] = config.lr * schedule(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
+
+
+def _optimizer_step(loss: torch.Tensor, n_global: int, model: nn.Module, optimizer, scheduler, config, ctx: DistContext,
+                    device: torch.device, bar, partial: dict, tick: float, where: tuple) -> float:
+    """One optimizer step on ``loss`` (already scaled for DDP), shared by ``train`` and ``pretrain``.
+
+    The logged loss is the global mean (all-reduced under DDP); a non-finite one stops before
+    the step, so the weights and the last checkpoint stay good. Adds the step to the epoch's
+    ``partial`` sums (loss x images, images, seconds since ``tick``), updates the progress bar,
+    and returns the new ``tick``.
+
+    Raises:
+        NonFiniteLossError: (main process; other ranks exit quietly) the loss is NaN or inf;
+            ``where`` = (epoch, step, out) names it in the message.
+    """
+    loss_value = ctx.all_reduce_sum([loss.item()], device)[0] / ctx.world_size if ctx.enabled else loss.item()
+    if not math.isfinite(loss_value):
+        _close(bar)
+        message = _nonfinite_message("loss", loss_value, *where)
+        raise NonFiniteLossError(message) if ctx.is_main else D.QuietAbort(message, status=1)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.clip_grad is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+    optimizer.step()
+    scheduler.step()
+    now = time.perf_counter()
+    partial["loss_sum"] += loss_value * n_global
+    partial["images"] += n_global
+    partial["train_s"] += now - tick
+    if bar is not None:
+        bar.update(n_global)
+        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}", refresh=False)
+    return now
 
 
 def _progress_bar(config: TrainConfig, images: int, epoch: int):

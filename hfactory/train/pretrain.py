@@ -265,7 +265,6 @@ def pretrain(spec, out, config: Optional[PretrainConfig] = None, resume: bool = 
 
 def _pretrain(spec, out: Path, config: PretrainConfig, ratio: float, resume: bool, ctx, device) -> dict:
     import torch
-    from torch import nn
 
     from . import checkpoint as ckpt
     from . import distributed as D
@@ -273,7 +272,8 @@ def _pretrain(spec, out: Path, config: PretrainConfig, ratio: float, resume: boo
     from ..mae import MaskedAutoencoder
     from .data import load_data
     from .loop import (NonFiniteLossError, WarmupCosine, _apply_config, _batches, _close, _epoch_order,
-                       _nonfinite_message, _progress_bar, _restore_rng, _threads, _truncate_metrics, param_groups)
+                       _nonfinite_message, _optimizer_step, _progress_bar, _restore_rng, _threads,
+                       _truncate_metrics, param_groups)
 
     if config.batch_size < ctx.world_size:
         raise ValueError(f"--batch-size {config.batch_size} is the global batch; with {ctx.world_size} processes "
@@ -370,28 +370,9 @@ def _pretrain(spec, out: Path, config: PretrainConfig, ratio: float, resume: boo
                 loss = wrapped(images, mask=mask)[0].float()
             if ctx.enabled:  # this share of the global batch's mean, scaled for DDP's averaging
                 loss = loss * (len(images) / n_global * ctx.world_size if real else 0.0)
-                loss_value = ctx.all_reduce_sum([loss.item()], device)[0] / ctx.world_size
-            else:
-                loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                _close(bar)
-                message = _nonfinite_message("loss", loss_value, epoch, step, out)
-                raise NonFiniteLossError(message) if ctx.is_main else D.QuietAbort(message, status=1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.clip_grad is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
-            optimizer.step()
-            scheduler.step()
+            tick = _optimizer_step(loss, n_global, model, optimizer, scheduler, config, ctx, device, bar, partial,
+                                   tick, (epoch, step, out))
             step, step_in_epoch = step + 1, step_in_epoch + 1
-            now = time.perf_counter()
-            partial["loss_sum"] += loss_value * n_global
-            partial["images"] += n_global
-            partial["train_s"] += now - tick
-            tick = now
-            if bar is not None:
-                bar.update(n_global)
-                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}", refresh=False)
             if config.stop_at_step is not None and step >= config.stop_at_step:
                 _close(bar)
                 elapsed = time.perf_counter() - run_start
