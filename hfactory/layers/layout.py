@@ -74,9 +74,9 @@ class TokenLinear(nn.Linear):
     changes nothing for a 1x1 kernel; it makes PyTorch's dispatcher (``use_mkldnn`` in
     ``Convolution.cpp``) choose oneDNN also with one thread, where it would otherwise route a
     1x1 conv to that same GEMM, for forward and backward. Measured per projection (1 thread,
-    CPU time, forward + backward): 1.4-1.9x faster on PoolFormer/Swin/Hiera shapes; whole
-    presets in the module comments of ``benchmarks/presets_vs_timm.py``. 2-D inputs (heads),
-    other devices and empty inputs use ``F.linear``.
+    CPU time, forward + backward): 1.6-1.9x faster on Swin-T's stage shapes (25088x64->256 to
+    392x768->3072, batch 8); whole presets in ``benchmarks/RESULTS.md`` ("Presets vs timm").
+    2-D inputs (heads), other devices and dtypes, and empty inputs use ``F.linear``.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
