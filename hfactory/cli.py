@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -47,6 +48,18 @@ def _load(spec_arg, sets: list[str] | None = None):
     if sets:
         spec = spec.with_changes(dict(parse_assignment(s) for s in sets))
     return spec
+
+
+def spec_argument_text(args: argparse.Namespace) -> str:
+    """SPEC as typed on the command line plus its ``--set`` flags, shell-quoted: for messages that
+    repeat the command (a resumed run must rebuild the same spec, or its checkpoint is refused)."""
+    typed = getattr(args, "spec_arg", args.spec)
+    return " ".join([shlex.quote(str(typed))] + [f"--set {shlex.quote(s)}" for s in (getattr(args, "set", None) or [])])
+
+
+def spec_argument_stem(args: argparse.Namespace) -> str:
+    """The file stem (or preset name) of SPEC as typed, for default run directory names."""
+    return Path(str(getattr(args, "spec_arg", args.spec))).stem
 
 
 def add_spec_argument(p: argparse.ArgumentParser) -> None:
@@ -221,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "set", None):  # --set applies to every command that takes a spec
-            args.spec = _load(args.spec, args.set)
+            args.spec_arg, args.spec = args.spec, _load(args.spec, args.set)
         return args.func(args)
     except QuietAbort as err:  # another process of a torchrun job failed and rank 0 printed why
         return err.status

@@ -446,3 +446,20 @@ def test_pretrain_with_bf16_autocast(tiny_mae_spec, tmp_path):
     assert main(["pretrain", str(tiny_mae_spec), "--out", str(out), "--amp", "--stop-at-step", "2", *FAST]) == 0
     assert json.loads((out / "run.json").read_text())["config"]["amp"] is True
     assert all(torch.isfinite(t).all() for t in load_file(str(find_checkpoint(out) / "model.safetensors")).values())
+
+
+def test_pretrain_takes_set_and_the_checkpoint_records_the_lineage(tiny_mae_spec, tmp_path, capsys):
+    from hfactory.cli import main
+
+    out = tmp_path / "set"
+    sets = ["--set", "mae.decoder_depth=1", "--set", "drop_path_rate=0.05"]
+    assert main(["pretrain", str(tiny_mae_spec), "--out", str(out), *sets, "--stop-at-step", "1", *FAST]) == 0
+    saved = load_spec(out / "checkpoint" / "spec.yaml")
+    assert saved.mae.decoder_depth == 1 and saved.drop_path_rate == 0.05
+    assert saved.lineage.changes == {"mae.decoder_depth": 1, "drop_path_rate": 0.05}
+    # resuming needs the same spec: with the same --set it continues, without it is refused
+    assert main(["pretrain", str(tiny_mae_spec), "--out", str(out), *sets, "--resume", "--stop-at-step", "2",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["pretrain", str(tiny_mae_spec), "--out", str(out), "--resume", "--no-progress"]) == 2
+    assert "spec" in capsys.readouterr().err

@@ -270,3 +270,19 @@ def test_shift_augmentation_of_shares_equals_one_process():
     data = load_digits((16, 16), 1)
     images = data.train.tensors[0]
     assert torch.equal(images.amin(dim=(1, 2, 3)), images.min().expand(len(images)))
+
+
+def test_set_changes_the_trained_spec_and_its_lineage_reaches_the_run(tiny_spec, tmp_path, capsys):
+    out = tmp_path / "set"
+    sets = ["--set", "stages.1.depth=2", "--set", "stages.*.feedforward.hidden_layer_multiplier=3"]
+    assert main(["train", str(tiny_spec), "--out", str(out), *sets, "--epochs", "1", "--stop-at-step", "2",
+                 *FAST]) == 0
+    saved = load_spec(out / "checkpoint" / "spec.yaml")
+    assert saved.stages[1].depth == 2 and saved.lineage.base == "tiny_hybrid"
+    assert saved.lineage.changes == {"stages.1.depth": 2, "stages.*.feedforward.hidden_layer_multiplier": 3}
+    assert spec_hash(saved) == json.loads((out / "run.json").read_text())["spec_hash"]
+    capsys.readouterr()
+    # the run is that variant: resuming it without the same --set is refused, with it it goes on
+    assert main(["train", str(tiny_spec), "--out", str(out), "--resume", *FAST]) == 2
+    assert "spec" in capsys.readouterr().err
+    assert main(["train", str(tiny_spec), "--out", str(out), *sets, "--resume", *FAST]) == 0

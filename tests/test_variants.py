@@ -82,6 +82,14 @@ NAMED_SIZES = [
     ("caformer_s18", dict(depth_multiplier=[1, 4, 2, 1], width_multiplier=[1.5, 1.5, 1.2, 1.125]), "caformer_m36"),
     ("caformer_s18", dict(depth_multiplier=[1, 4, 2, 1], width_multiplier=[2, 2, 1.6, 1.5]), "caformer_b36"),
     ("convformer_s18", dict(depth_multiplier=[1, 4, 2, 1]), "convformer_s36"),
+    ("convformer_s18", dict(depth_multiplier=[1, 4, 2, 1], width_multiplier=[1.5, 1.5, 1.2, 1.125]), "convformer_m36"),
+    ("convformer_s18", dict(depth_multiplier=[1, 4, 2, 1], width_multiplier=[2, 2, 1.6, 1.5]), "convformer_b36"),
+    ("poolformerv2_s12", dict(depth_multiplier=2), "poolformerv2_s24"),
+    ("poolformerv2_s12", dict(depth_multiplier=3), "poolformerv2_s36"),
+    ("poolformerv2_s12", dict(depth_multiplier=3, width_multiplier=[1.5, 1.5, 1.2, 1.5], width_divisor=32),
+     "poolformerv2_m36"),
+    ("poolformerv2_s12", dict(depth_multiplier=4, width_multiplier=[1.5, 1.5, 1.2, 1.5], width_divisor=32),
+     "poolformerv2_m48"),
     ("swin_tiny_patch4_window7_224", dict(depth_multiplier=[1, 1, 3, 1]), "swin_small_patch4_window7_224"),
     ("swin_tiny_patch4_window7_224", dict(depth_multiplier=[1, 1, 3, 1], width_multiplier=4 / 3),
      "swin_base_patch4_window7_224"),
@@ -152,8 +160,19 @@ def test_cli_set_and_sweep(tmp_path, capsys):
     assert main(["summary", "caformer_s18", "--set", "stages.2.num_heads=7"]) == 2
     assert "stages.2.num_heads" in capsys.readouterr().err
     assert main(["sweep", "poolformer_s12", "--grid", "stages.3.depth=1,2", "--out", str(tmp_path)]) == 0
-    assert "poolformer_s12-s3.depth1" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert text.split()[:7] == ["name", "params", "GMACs", "activations", "tokens", "per", "stage"]
+    assert "poolformer_s12-s3.depth1" in text and "3136/784/196/49" in text
     assert len(list(tmp_path.glob("*.yaml"))) == 2
+    assert main(["sweep", "poolformer_s12", "--grid", "stages.3.depth=1,2", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    variant = hfactory.load_preset("poolformer_s12").with_changes({"stages.3.depth": 1})
+    with torch.device("meta"):
+        params = sum(p.numel() for p in HierarchicalEncoder(variant).parameters())
+    assert [r["name"] for r in rows] == ["poolformer_s12-s3.depth1", "poolformer_s12-s3.depth2"]
+    assert rows[0]["params"] == params and rows[1]["params"] > params
+    assert rows[0]["gmacs"] < rows[1]["gmacs"] and 0 < rows[0]["activation_bytes"] < rows[1]["activation_bytes"]
+    assert rows[0]["tokens"] == [3136, 784, 196, 49]
     assert main(["sweep", "poolformer_s12", "--grid", "stages.3.depth="]) == 2
     assert "no values" in capsys.readouterr().err
 
@@ -193,3 +212,13 @@ def test_pooling_stages_rule_errors_and_options():
                        "pooling": {"kind": "max_pool_1d", "kernel_size": 2, "stride": 2}})
     plan = resolve(spec)
     assert [s.depth for s in plan.stages] == [1, 12, 11] and [s.seq_len for s in plan.stages] == [196, 98, 49]
+
+
+def test_overrides_reach_the_mae_section():
+    spec = hfactory.load_preset("mae_hiera_tiny_224").with_changes({"mae.decoder_depth": 4, "mae.mask_ratio": 0.75})
+    assert spec.mae.decoder_depth == 4 and spec.mae.mask_ratio == 0.75
+    with pytest.raises(OverrideError, match=r"mae.decoder_width: unknown key 'decoder_width' \(did you mean "
+                                            r"'decoder_depth'"):
+        spec.with_changes({"mae.decoder_width": 4})
+    with pytest.raises(ValidationError, match="mask_ratio"):
+        spec.with_changes({"mae.mask_ratio": 1.5})

@@ -24,6 +24,7 @@ from pydantic import Field
 
 from .. import registry
 from .base import StrictModel, did_you_mean
+from .mae import MAESpec
 from .model import EncoderSpec, HeadSpec, Lineage, StageDefaults, StageSpec
 
 __all__ = ["with_changes", "scale", "ScalingRule", "Lineage", "OverrideError", "parse_assignment", "pooling_split"]
@@ -31,7 +32,7 @@ __all__ = ["with_changes", "scale", "ScalingRule", "Lineage", "OverrideError", "
 #: Fields holding a component, by the slot they are looked up in.
 _COMPONENT_FIELDS = {"token_mixer": "token_mixer", "downsample": "downsample", "feedforward": "feedforward",
                      "norm": "norm", "pos_embed": "pos_embed", "head_norm": "norm"}
-_MODELS = {"spec": EncoderSpec, "stage": StageSpec, "defaults": StageDefaults, "head": HeadSpec}
+_MODELS = {"spec": EncoderSpec, "stage": StageSpec, "defaults": StageDefaults, "head": HeadSpec, "mae": MAESpec}
 
 
 class OverrideError(ValueError):
@@ -119,7 +120,7 @@ def _descend(node: Any, kind: str, tokens: list[str], value: Any, done: str, roo
         if sub is not None:
             node[key] = sub
         _descend(sub, f"component:{_COMPONENT_FIELDS[key]}", rest, value, path, root)
-    elif key in ("defaults", "head"):
+    elif key in ("defaults", "head", "mae"):  # nested sections; a missing one starts from its defaults
         _descend(node.setdefault(key, {}), key, rest, value, path, root)
     elif key == "lineage":
         raise OverrideError(path, "lineage is recorded by hfactory, not set by hand")

@@ -117,12 +117,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train; exit 0 when done (or stopped by --stop-at-step), 1 on a non-finite loss, 130 on Ctrl-C.
 
     Under torchrun only rank 0 prints (and writes the run directory)."""
-    from ..cli import _load
+    from ..cli import _load, spec_argument_stem, spec_argument_text
 
     main_process = os.environ.get("RANK", "0") == "0"
 
     spec = _load(args.spec)
-    out = Path(args.out) if args.out else Path("runs") / (spec.name or Path(args.spec).stem)
+    out = Path(args.out) if args.out else Path("runs") / (spec.name or spec_argument_stem(args))
     config = config_from_args(args, out)
     problem = _missing_extra(config.data, config.progress)
     if problem:
@@ -137,7 +137,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 1
     except KeyboardInterrupt:
         if main_process:
-            print(f"\nhfactory train: interrupted; continue with: hfactory train {args.spec} --out {out} --resume",
+            print(f"\nhfactory train: interrupted; continue with: hfactory train {spec_argument_text(args)} --out {out} "
+                  "--resume",
                   file=sys.stderr)
         return 130
     if not main_process:

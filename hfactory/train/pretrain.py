@@ -104,6 +104,8 @@ _OPTIONS = [
 
 def add_pretrain_command(subparsers) -> None:
     """Add ``pretrain`` to the ``hfactory`` argparse subparsers."""
+    from ..cli import add_spec_argument
+
     defaults = PretrainConfig()
     p = subparsers.add_parser(
         "pretrain", help="sparse masked-autoencoder (MAE) pretraining of an MAE-compatible spec",
@@ -114,7 +116,7 @@ def add_pretrain_command(subparsers) -> None:
         "incompatible one is refused, naming the first component that mixes tokens across mask units. "
         "Data, checkpoints, --resume, progress, --amp and torchrun (DDP, or FSDP2 with --fsdp) work as in "
         "hfactory train. Fine-tune with: hfactory train SPEC --init-from RUN_DIR.")
-    p.add_argument("spec", help="spec YAML path or preset name")
+    add_spec_argument(p)
     p.add_argument("--data", help=f"'digits' or an ImageFolder directory with train/ and val/ (labels are "
                    f"ignored; default: {defaults.data})")
     p.add_argument("--out", help="run directory (default: runs/<spec name>_mae)")
@@ -151,11 +153,11 @@ def _config_from_args(args: argparse.Namespace, out: Path) -> PretrainConfig:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     """Pretrain; exit 0 when done (or stopped by --stop-at-step), 1 on a non-finite loss, 130 on Ctrl-C."""
-    from ..cli import _load
+    from ..cli import _load, spec_argument_stem, spec_argument_text
     from .cli import _missing_extra
 
     spec = _load(args.spec)
-    out = Path(args.out) if args.out else Path("runs") / f"{spec.name or Path(args.spec).stem}_mae"
+    out = Path(args.out) if args.out else Path("runs") / f"{spec.name or spec_argument_stem(args)}_mae"
     config = _config_from_args(args, out)
     problem = _missing_extra(config.data, config.progress)
     if problem:
@@ -169,8 +171,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         return 1
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":
-            print(f"\nhfactory pretrain: interrupted; continue with: hfactory pretrain {args.spec} --out {out} "
-                  "--resume", file=sys.stderr)
+            print(f"\nhfactory pretrain: interrupted; continue with: hfactory pretrain {spec_argument_text(args)} "
+                  f"--out {out} --resume", file=sys.stderr)
         return 130
     if os.environ.get("RANK", "0") != "0":
         return 0
