@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_path
-from .build import build_component, build_stages
+from .build import Stage, build_component, build_stages
 from .layers.head import ClassifierHead, make_classifier
 from .layers.layout import units_to_grid
 from .plan import Plan, resolve
@@ -151,8 +151,9 @@ class HierarchicalEncoder(nn.Module):
             return carry.strip(x)
         if x.ndim == 3:
             return x.unsqueeze(2)
-        r = self.plan.stages[i].reduction
-        return units_to_grid(x, (image_hw[0] // r, image_hw[1] // r))
+        # Per axis: a q_stride like (2, 1) reduces height and width differently.
+        (gh, gw), (ih, iw) = self.plan.stages[i].out_grid, self.plan.img_size
+        return units_to_grid(x, (image_hw[0] // (ih // gh), image_hw[1] // (iw // gw)))
 
     def num_mask_units(self, img_size: Optional[tuple[int, int]] = None) -> int:
         """Mask units of an image of ``img_size`` (default: the spec's), i.e. the length of a
@@ -320,6 +321,16 @@ class HierarchicalEncoder(nn.Module):
             update["num_classes"] = 0
             self.head.fc = nn.Identity()
         self._set_spec(update)
+        # Size-weighted pooling only follows a merging downsampler (geme/att0) that was kept.
+        self.head.token_sizes = bool(self.plan.head.get("token_sizes"))
+        if getattr(self.stages[-1], "carry", None) is not None:
+            # The cut removed the att0 stage these clusters were made for: rebuild the last stage as
+            # the new plan has it (plain attention, no clusters) with its weights. The tokens never
+            # attended to the clusters, so the kept stages compute exactly what they did.
+            old, new = self.stages[-1], Stage(self.plan.stages[-1])
+            kept = new.state_dict()
+            new.load_state_dict({k: v for k, v in old.state_dict().items() if k in kept}, strict=True)
+            self.stages[-1] = new.to(next(old.parameters()).device)
         return take
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
@@ -426,11 +437,18 @@ def build_encoder(spec: SpecSource, **overrides) -> HierarchicalEncoder:
 def from_pretrained(directory: Union[str, os.PathLike], map_location: str = "cpu") -> HierarchicalEncoder:
     """Rebuild an encoder from ``save_pretrained``'s directory and load its weights.
 
+    ``map_location`` is where the weights are read to; the model's parameters stay on the CPU
+    (move it with ``.to(device)``).
+
     Raises:
         FileNotFoundError: ``spec.yaml`` or ``model.safetensors`` is missing.
-        ValueError: the weights do not fit the spec; the message names the missing, unexpected
-            and shape-mismatched keys.
+        pydantic.ValidationError / PlanError: ``spec.yaml`` is not a valid spec.
+        ValueError: the weights were saved for another spec (their ``spec_hash`` metadata differs
+            from ``spec.yaml``'s hash: the spec was edited after saving, or the files come from two
+            saves), or they do not fit the spec; the message names the missing, unexpected and
+            shape-mismatched keys.
     """
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -438,6 +456,12 @@ def from_pretrained(directory: Union[str, os.PathLike], map_location: str = "cpu
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory / name} not found; expected a save_pretrained() directory")
     model = build_encoder(directory / SPEC_NAME)
+    with safe_open(str(directory / WEIGHTS_NAME), "pt") as f:
+        saved = (f.metadata() or {}).get("spec_hash")
+    if saved is not None and saved != spec_hash(model.spec):
+        raise ValueError(f"{directory / WEIGHTS_NAME} was saved for spec hash {saved}, but {directory / SPEC_NAME} "
+                         f"hashes to {spec_hash(model.spec)}: the spec was changed after saving; restore it, or "
+                         "build the new spec and load the weights with load_checked to convert deliberately")
     state = load_file(str(directory / WEIGHTS_NAME), device=map_location)
     load_checked(model, state, source=str(directory / WEIGHTS_NAME))
     return model

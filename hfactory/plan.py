@@ -25,15 +25,12 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict
 
-from .spec.base import MAX_SIZE, PlanError
+from .spec.base import MAX_BLOCKS, MAX_SIZE, PlanError
 from .spec.components import ComponentParams, StageContext
 from .spec.model import EncoderSpec, StageDefaults, StageSpec
 
 __all__ = ["Plan", "StagePlan", "BlockPlan", "resolve", "LIBRARY_DEFAULTS", "PlanError", "mae_verdict",
            "crosses_units", "MAX_SIZE", "MAX_BLOCKS"]
-
-#: The most blocks (all stages together) a plan accepts; the deepest published ViTs have ~50.
-MAX_BLOCKS = 1024
 
 #: Values used for a stage field that neither the stage nor ``spec.defaults`` sets.
 LIBRARY_DEFAULTS = StageDefaults.model_validate({

@@ -89,6 +89,18 @@ def expand_grid(spec: EncoderSpec, grid: Mapping[str, list]) -> list[tuple[str, 
     return out
 
 
+def _couples_stages(plan: Plan) -> bool:
+    """Whether a stage depends on more than the previous stage's tokens, so stages cannot be
+    measured one by one: att0's clusters ride from one stage into the next (``carry``), and
+    token sizes of geme/att0 reach later attention layers and the head."""
+    def sized(entry) -> bool:
+        return isinstance(entry, dict) and bool(entry.get("token_sizes") or entry.get("token_sizes_in"))
+
+    return bool(plan.head.get("token_sizes")) or any(
+        s.carry is not None or sized(s.downsample) or sized(s.token_mixer)
+        or any(sized(b.token_mixer) for b in s.blocks) for s in plan.stages)
+
+
 def _stage_input(plan: Plan, i: int, batch: int) -> Optional[torch.Tensor]:
     """The meta tensor stage ``i`` receives (channels-last), from the plan; None if unknown."""
     if i == 0:
@@ -129,9 +141,11 @@ def sweep(spec: EncoderSpec, grid: Mapping[str, list], batch: int = 1) -> list[d
         plan = resolve(variant)
         with torch.device("meta"):
             model = HierarchicalEncoder(variant, plan)
-        numbers, fallback = [], False
+        numbers, fallback = [], _couples_stages(plan)
         fused = plan.attn_backend != "math"
         for i, (sp, stage) in enumerate(zip(plan.stages, model.stages)):
+            if fallback:
+                break
             x1, xb = _stage_input(plan, i, 1), _stage_input(plan, i, batch)
             if x1 is None:
                 fallback = True

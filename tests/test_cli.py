@@ -122,7 +122,11 @@ def test_summary_table_rows_and_totals(capsys, tiny):
     plan = hfactory.resolve(hfactory.load_spec(tiny))
     assert [s["tokens"] for s in summary["stages"]] == [s.seq_len for s in plan.stages] == [64, 16]
     assert [s["heads"] for s in summary["stages"]] == [None, 2]
-    assert sum(s["params"] for s in summary["stages"]) + summary["head"]["params"] == summary["total"]["params"]
+    model = hfactory.build_encoder(hfactory.load_spec(tiny))
+    assert [s["params"] for s in summary["stages"]] == [sum(p.numel() for p in st.parameters()) for st in model.stages]
+    own = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("stages."))
+    assert summary["head"]["params"] == own > 0  # the final norm and the classifier
+    assert summary["total"]["params"] == sum(p.numel() for p in model.parameters())
     assert f"{summary['total']['params']:,}" in out
 
 

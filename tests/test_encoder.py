@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 import hfactory
 from hfactory import PlanError, load_spec, resolve
@@ -123,7 +124,7 @@ def test_reset_classifier_updates_spec_and_head(small):
     small.reset_classifier(11, global_pool="max")
     assert small(x).shape == (2, 11) and small.spec.global_pool == "max"
     assert small.get_classifier().out_features == 11
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="global_pool"):
         small.reset_classifier(3, global_pool="median")
 
 
@@ -181,12 +182,27 @@ def test_save_and_load_round_trip(small, tmp_path):
 
 
 def test_weights_of_another_spec_are_refused_naming_keys(small, tmp_path):
+    from safetensors.torch import load_file, save_file
+
     small.save_pretrained(tmp_path)
     other = {**SMALL, "stages": [dict(SMALL["stages"][0], embedding=24)] + SMALL["stages"][1:]}
     (tmp_path / "spec.yaml").write_text(hfactory.dump_spec(load_spec(other)))
+    with pytest.raises(ValueError, match="was saved for spec hash .* the spec was changed after saving"):
+        hfactory.from_pretrained(tmp_path)
+    # weights without the hash (saved by other tools) are checked key by key
+    save_file(load_file(str(tmp_path / "model.safetensors")), str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError) as info:
         hfactory.from_pretrained(tmp_path)
     assert "shape mismatch" in str(info.value) and "stages.0.downsample.conv.weight" in str(info.value)
+
+
+def test_an_edited_spec_with_the_same_shapes_is_refused(small, tmp_path):
+    # The dangerous case: another activation has the same parameters, so only the hash tells.
+    small.save_pretrained(tmp_path)
+    edited = small.spec.with_changes({"stages.*.feedforward.activation": "relu"})
+    (tmp_path / "spec.yaml").write_text(hfactory.dump_spec(edited))
+    with pytest.raises(ValueError, match="was saved for spec hash"):
+        hfactory.from_pretrained(tmp_path)
 
 
 def test_missing_files_are_named(tmp_path):
@@ -201,7 +217,9 @@ def test_same_seed_same_weights_and_plan_text():
     b = hfactory.build_encoder(SMALL)
     for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(p, q), n
-    assert str(a.plan) == str(b.plan)
+    from hfactory.plan import _resolve  # uncached: resolve() memoises on the spec's JSON
+
+    assert str(a.plan) == str(_resolve(b.spec, b.spec.img_hw))
 
 
 def test_other_input_sizes_follow_the_plan(small):

@@ -317,3 +317,22 @@ def test_max_avg_expansion_needs_double_width():
     with pytest.raises(PlanError, match="embedding must be 192") as err:
         hfactory.build_encoder(spec)
     assert err.value.loc == "stages.1.downsample.expand"
+
+
+def test_anisotropic_q_stride_in_mask_units_runs_with_the_plans_shapes():
+    # Regression: the units grid used to be rebuilt from one (height) reduction, so a q_stride of
+    # (2, 1) crashed in forward although the plan accepted it.
+    spec = hfactory.load_spec({
+        "name": "aniso", "img_size": 32, "num_classes": 5, "mask_unit_size": [4, 4],
+        "stages": [{"embedding": 8, "depth": 1, "token_mixer": "mask_unit_attention", "num_heads": 1,
+                    "downsample": {"kind": "conv", "patch_size": 2}},
+                   {"embedding": 16, "depth": 1, "token_mixer": "mask_unit_attention", "num_heads": 1,
+                    "downsample": {"kind": "q_pool", "q_stride": [2, 1]}}]})
+    plan = hfactory.resolve(spec)
+    model = hfactory.build_encoder(spec).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        maps = model.forward_intermediates(x, intermediates_only=True)
+        assert model(x).shape == (2, 5)
+    assert [tuple(m.shape) for m in maps] == [(2, s.out_chs, *s.out_grid) for s in plan.stages]
+    assert plan.stages[1].out_grid == (8, 16)

@@ -283,6 +283,10 @@ def test_within_the_bounds_a_big_model_can_be_sized_on_the_meta_device():
     ("stages: [{embedding: 8, norm: {kind: layernorm, eps: .nan}}]", "stages.0.norm.eps"),
     ("stages: [{embedding: 8, layer_scale: .nan}]", "stages.0.layer_scale.float"),
     ("stages: [{embedding: 8}]\ndrop_path_rate: 1e999", "drop_path_rate"),
+    # refused at validation, before the divisor list of the heads message is computed (it used to hang)
+    ("stages: [{embedding: 8}]\nmae: {decoder_embedding: 1000000000001, decoder_num_heads: 2}",
+     "mae.decoder_embedding"),
+    ("stages: [{embedding: 8}]\nmae: {decoder_depth: 100000}", "mae.decoder_depth"),
     ("stages: [{embedding: 8}]\n1: 2", "1"),
     ("stages: [{embedding: 8}]\nnull: 2", "None"),
 ])

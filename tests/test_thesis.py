@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hfactory import PlanError, load_spec, resolve
+from hfactory import PlanError, from_pretrained, load_spec, resolve
 from hfactory.encoder import build_encoder
 from hfactory.layers.attention import attention
 from hfactory.layers.thesis import GreedyMerging, greedy_merge_groups
@@ -397,3 +397,39 @@ def test_short_digits_training_beats_chance(last, tmp_path):
     # downsampler about 0.95: merging 16 tokens into 4 by single linkage mostly gives one large
     # group and its keys learn nothing; att0's clusters start from noise)
     assert metrics["test_accuracy"] > 0.4
+
+
+def test_pruning_before_an_att0_stage_drops_its_clusters_and_reloads(tmp_path):
+    # Regression: pruning used to keep stage 2's clusters (made for stage 3's att0) while the
+    # re-planned spec had none, so the saved model did not reload.
+    torch.manual_seed(0)
+    model = build_encoder(tiny(last={"kind": "att0", "assignment": "soft", "last_assignment": "soft"})).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model.forward_intermediates(x, intermediates_only=True)[:3]
+    assert model.stages[2].carry is not None
+    model.prune_intermediate_layers([0, 1, 2])
+    assert model.stages[2].carry is None and "stages.2.carry.clusters" not in model.state_dict()
+    with torch.no_grad():
+        after = model.forward_intermediates(x, intermediates_only=True)
+    for a, b in zip(before, after):  # tokens never attended to the clusters: the same maps
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    model.save_pretrained(tmp_path)
+    again = from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("last", [{"kind": "att0", "assignment": "soft", "last_assignment": "soft"},
+                                  {"kind": "geme"}], ids=["att0", "geme"])
+def test_sweep_measures_merging_specs_as_whole_models(last):
+    # Regression: the sweep fed stage 3 a plain grid although att0's clusters ride into it.
+    from hfactory.summary import summarize
+    from hfactory.sweep import sweep
+
+    rows = sweep(tiny(last=last), {"stages.0.depth": [1, 2]})
+    for row in rows:
+        whole = summarize(row["spec"])["total"]
+        assert (row["params"], row["gmacs"], row["activation_bytes"]) == (
+            whole["params"], whole["gmacs"], whole["activation_bytes"])
+    assert rows[1]["params"] > rows[0]["params"]

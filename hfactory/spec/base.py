@@ -11,13 +11,16 @@ from typing import Any, Iterable
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
-__all__ = ["StrictModel", "did_you_mean", "located_error", "PlanError", "MAX_SIZE"]
+__all__ = ["StrictModel", "did_you_mean", "located_error", "PlanError", "MAX_SIZE", "MAX_BLOCKS"]
 
 #: The largest size the plan accepts: any integer a spec sets (channels, pixels per image side,
 #: kernel, window, class count ...; token counts such as ``seq_len`` excepted) and any hidden width
 #: a component derives. ViT-22B, the widest published ViT, is 6144 wide with 24576 MLP units.
 #: Larger numbers are refused with a :class:`PlanError` before any tensor is allocated.
 MAX_SIZE = 65536
+
+#: The most blocks (all stages together) a plan accepts; the deepest published ViTs have ~50.
+MAX_BLOCKS = 1024
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

@@ -28,7 +28,7 @@ from typing import Optional
 from pydantic import Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from .base import PlanError, StrictModel
+from .base import MAX_BLOCKS, MAX_SIZE, PlanError, StrictModel
 
 __all__ = ["MAESpec", "MAEGeometry", "mae_geometry", "check_mask_ratio"]
 
@@ -45,9 +45,11 @@ class MAESpec(StrictModel):
     (Hiera's ``multi_scale_fusion_heads``); false uses the last stage only.
     """
 
-    decoder_embedding: int = Field(512, ge=1, description="decoder width (hiera: decoder_embed_dim)")
-    decoder_depth: int = Field(8, ge=1, description="decoder blocks (global attention)")
-    decoder_num_heads: int = Field(16, ge=1, description="decoder attention heads; must divide decoder_embedding")
+    # Bounded like every size in a spec (hostile input is refused before anything is computed).
+    decoder_embedding: int = Field(512, ge=1, le=MAX_SIZE, description="decoder width (hiera: decoder_embed_dim)")
+    decoder_depth: int = Field(8, ge=1, le=MAX_BLOCKS, description="decoder blocks (global attention)")
+    decoder_num_heads: int = Field(16, ge=1, le=MAX_SIZE,
+                                   description="decoder attention heads; must divide decoder_embedding")
     decoder_mlp_ratio: float = Field(4.0, gt=0, description="decoder MLP hidden width / decoder_embedding")
     mask_ratio: float = Field(0.6, ge=0, lt=1, description="fraction of mask units hidden (default of forward)")
     norm_pix_loss: bool = Field(True, description="targets are pixels normalised per patch (mean 0, var 1)")
