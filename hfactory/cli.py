@@ -1,12 +1,12 @@
-"""The ``hfactory`` command line: summary | presets | schema | bench | train | eval.
+"""The ``hfactory`` command line: summary | sweep | presets | schema | bench | train | eval | pretrain.
 
 Every command that takes a spec accepts a YAML path or a preset name (``hfactory presets``
 lists them). Bad input (a spec failing validation, an unknown preset, a missing or corrupt
 dataset, a checkpoint or run directory of another spec) prints one located message on stderr
 and exits with status 2, never a traceback, and overwrites nothing.
 
-Exit statuses: 0 success; 1 a training run stopped on a non-finite loss; 2 bad input;
-130 interrupted (Ctrl-C).
+Exit statuses: 0 success; 1 a training run stopped on a non-finite loss, or ``presets
+--pattern`` matched nothing; 2 bad input; 130 interrupted (Ctrl-C).
 
 Under ``torchrun`` (``torchrun --nproc_per_node=N -m hfactory train ...``) only rank 0 prints;
 see :mod:`hfactory.train.distributed`.
@@ -123,9 +123,12 @@ def cmd_schema(args: argparse.Namespace) -> int:
     """Print or write the spec's JSON Schema."""
     from .spec.schema import spec_json_schema_text
 
+    from .atomic import atomic_path
+
     text = spec_json_schema_text()
     if args.out:
-        Path(args.out).write_text(text, encoding="utf-8")
+        with atomic_path(Path(args.out)) as tmp:  # a checked-in file: never left half-written
+            tmp.write_text(text, encoding="utf-8")
         print(f"wrote {args.out}")
     else:
         sys.stdout.write(text)

@@ -102,5 +102,11 @@ def get(slot: str, name: str) -> Component:
 
 
 def names(slot: str) -> list[str]:
-    """Registered names for ``slot``, sorted."""
+    """Registered names for ``slot``, sorted.
+
+    Raises:
+        ValueError: ``slot`` is not a registry slot (the valid ones are named).
+    """
+    if slot not in _REGISTRY:
+        raise ValueError(f"unknown slot {slot!r}{did_you_mean(slot, SLOTS)}; valid slots: {', '.join(SLOTS)}")
     return sorted(_REGISTRY[slot])

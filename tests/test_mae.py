@@ -400,7 +400,7 @@ def test_pretrain_refuses_bad_input(tiny_mae_spec, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "stages.0.token_mixer (block 1)" in err and "shifted windows" in err
     assert main(["pretrain", str(tiny_mae_spec), "--out", str(tmp_path / "r"), "--mask-ratio", "1.0"]) == 2
-    assert "--mask-ratio 1.0 is out of range (must be in [0, 1))" in capsys.readouterr().err
+    assert "--mask-ratio 1.0 is out of range; it must be in [0, 1)" in capsys.readouterr().err
     assert not (tmp_path / "s").exists() and not (tmp_path / "r").exists()
     assert main(["train", str(tiny_mae_spec), "--out", str(tmp_path / "t"), "--init-from", str(tmp_path / "none"),
                  "--no-progress"]) == 2

@@ -227,3 +227,10 @@ def test_register_refuses_bad_entries():
 def test_encoder_spec_in_python():
     spec = EncoderSpec(stages=[{"embedding": 32, "token_mixer": "pooling"}], img_size=(64, 32))
     assert spec.img_hw == (64, 32)
+
+
+def test_unknown_registry_slot_is_named():
+    from hfactory import registry
+
+    with pytest.raises(ValueError, match=r"unknown slot 'mixer' \(did you mean 'token_mixer'\?\); valid slots"):
+        registry.names("mixer")

@@ -231,9 +231,11 @@ def test_warmup_cosine_schedule():
 
 def test_config_is_validated(tiny_spec, tmp_path, capsys):
     assert main(["train", str(tiny_spec), "--out", str(tmp_path / "o"), "--lr", "-1", "--no-progress"]) == 2
-    assert "--lr" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="--epochs"):
+    assert "--lr -1.0 is out of range; it must be > 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--epochs 0 is out of range; it must be >= 1"):
         TrainConfig(epochs=0).validate()
+    assert main(["eval", str(tmp_path / "o"), "--batch-size", "0"]) == 2
+    assert "--batch-size 0" in capsys.readouterr().err
 
 
 def test_spec_hash_is_recorded(trained, tiny_spec):

@@ -91,8 +91,8 @@ def load_yaml(text: str) -> Any:
         ValueError: size over :data:`MAX_SPEC_BYTES`, syntax errors, Python tags, duplicate keys,
             aliases; the message gives the line and column.
     """
-    if len(text) > MAX_SPEC_BYTES:
-        raise ValueError(f"spec is {len(text)} bytes; specs larger than {MAX_SPEC_BYTES} bytes are refused")
+    if len(text) > MAX_SPEC_BYTES:  # characters; a UTF-8 file is checked in bytes before it is read
+        raise ValueError(f"spec is {len(text)} characters; specs larger than {MAX_SPEC_BYTES} are refused")
     try:
         return yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - _SpecLoader is a SafeLoader
     except yaml.YAMLError as err:
@@ -104,8 +104,8 @@ def load_yaml(text: str) -> Any:
 def load_spec(source: SpecSource) -> EncoderSpec:
     """Load and validate a spec from a path, YAML text, a dict or an :class:`EncoderSpec`.
 
-    A ``str`` is a path if a file of that name exists, otherwise YAML text (a preset name is
-    resolved by :func:`hfactory.create_model`, not here).
+    A ``str`` is a path when it is one line ending in ``.yaml``, ``.yml`` or ``.json``,
+    otherwise YAML text (a preset name is resolved by :func:`hfactory.create_model`, not here).
 
     Raises:
         pydantic.ValidationError: a field is wrong; each error has its location in the spec.

@@ -59,16 +59,23 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raises ValueError naming the first out-of-range option."""
-        checks = [("epochs", self.epochs >= 1), ("batch_size", self.batch_size >= 1), ("lr", self.lr > 0),
-                  ("weight_decay", self.weight_decay >= 0), ("warmup_epochs", self.warmup_epochs >= 0),
-                  ("label_smoothing", 0 <= self.label_smoothing < 1),
-                  ("clip_grad", self.clip_grad is None or self.clip_grad > 0), ("shift", 0 <= self.shift < 1),
-                  ("eval_batch_size", self.eval_batch_size >= 1), ("workers", self.workers >= 0),
-                  ("threads", self.threads is None or self.threads >= 1),
-                  ("stop_at_step", self.stop_at_step is None or self.stop_at_step >= 1)]
-        for name, ok in checks:
-            if not ok:
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} is out of range")
+        check_ranges(self, [
+            ("epochs", self.epochs >= 1, ">= 1"), ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("lr", self.lr > 0, "> 0"), ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("warmup_epochs", self.warmup_epochs >= 0, ">= 0"),
+            ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
+            ("clip_grad", self.clip_grad is None or self.clip_grad > 0, "> 0 (or unset)"),
+            ("shift", 0 <= self.shift < 1, "in [0, 1)"), ("eval_batch_size", self.eval_batch_size >= 1, ">= 1"),
+            ("workers", self.workers >= 0, ">= 0"), ("threads", self.threads is None or self.threads >= 1, ">= 1"),
+            ("stop_at_step", self.stop_at_step is None or self.stop_at_step >= 1, ">= 1")])
+
+
+def check_ranges(config, checks: list[tuple[str, bool, str]]) -> None:
+    """Raise ``ValueError`` for the first ``(field, ok, valid range)`` that is not ok, naming the
+    command-line flag, its value and what would be valid."""
+    for name, ok, valid in checks:
+        if not ok:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(config, name)} is out of range; it must be {valid}")
 
 
 #: Config fields that a resumed run may change without changing its result.

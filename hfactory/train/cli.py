@@ -155,6 +155,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from .checkpoint import checked_model_dir, read_run
 
+    from . import check_ranges
+
+    check_ranges(args, [("batch_size", args.batch_size >= 1, ">= 1"), ("workers", args.workers >= 0, ">= 0"),
+                        ("threads", args.threads is None or args.threads >= 1, ">= 1")])
     model_dir = checked_model_dir(Path(args.model))
     data_arg = args.data or ((read_run(Path(args.model)) or {}).get("config", {}).get("data")) or "digits"
     problem = _missing_extra(data_arg, progress=False)

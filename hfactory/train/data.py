@@ -106,8 +106,10 @@ def _transforms(img_size: tuple[int, int], in_chans: int, train: bool):
         mean, std = (sum(IMAGENET_MEAN) / 3,) * in_chans, (sum(IMAGENET_STD) / 3,) * in_chans
     if train:
         geometry = [T.RandomResizedCrop(img_size, antialias=True), T.RandomHorizontalFlip()]
-    else:  # the usual eval crop: resize the short side to size/0.875, then center-crop
-        resize = tuple(int(round(s / 0.875)) for s in img_size)
+    else:  # timm's eval crop (crop_pct 0.875): resize, then center-crop
+        h, w = img_size
+        # square: the short side to size/0.875, keeping the aspect ratio; otherwise both sides
+        resize = int(round(h / 0.875)) if h == w else (int(round(h / 0.875)), int(round(w / 0.875)))
         geometry = [T.Resize(resize, antialias=True), T.CenterCrop(img_size)]
     post = [_RepeatChannels(in_chans)] if in_chans not in (1, 3) else []
     return T.Compose(colour + geometry + [T.ToTensor()] + post + [T.Normalize(mean, std)])

@@ -67,17 +67,17 @@ class PretrainConfig:
 
     def validate(self) -> None:
         """Raises ValueError naming the first out-of-range option."""
-        checks = [("epochs", self.epochs >= 1), ("batch_size", self.batch_size >= 1), ("lr", self.lr > 0),
-                  ("weight_decay", self.weight_decay >= 0), ("warmup_epochs", self.warmup_epochs >= 0),
-                  ("clip_grad", self.clip_grad is None or self.clip_grad > 0),
-                  ("mask_ratio", self.mask_ratio is None or 0 <= self.mask_ratio < 1),
-                  ("eval_batch_size", self.eval_batch_size >= 1), ("workers", self.workers >= 0),
-                  ("threads", self.threads is None or self.threads >= 1),
-                  ("stop_at_step", self.stop_at_step is None or self.stop_at_step >= 1)]
-        for name, ok in checks:
-            if not ok:
-                extra = " (must be in [0, 1))" if name == "mask_ratio" else ""
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} is out of range{extra}")
+        from . import check_ranges
+
+        check_ranges(self, [
+            ("epochs", self.epochs >= 1, ">= 1"), ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("lr", self.lr > 0, "> 0"), ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("warmup_epochs", self.warmup_epochs >= 0, ">= 0"),
+            ("clip_grad", self.clip_grad is None or self.clip_grad > 0, "> 0 (or unset)"),
+            ("mask_ratio", self.mask_ratio is None or 0 <= self.mask_ratio < 1, "in [0, 1)"),
+            ("eval_batch_size", self.eval_batch_size >= 1, ">= 1"), ("workers", self.workers >= 0, ">= 0"),
+            ("threads", self.threads is None or self.threads >= 1, ">= 1"),
+            ("stop_at_step", self.stop_at_step is None or self.stop_at_step >= 1, ">= 1")])
 
 
 RUNTIME_FIELDS = frozenset({"eval_batch_size", "workers", "threads", "device", "progress", "stop_at_step", "fsdp"})
@@ -463,5 +463,7 @@ def load_pretrained_encoder(model, source) -> dict:
         raise ValueError(f"--init-from {path}: the weights do not fit this spec ({getattr(model.spec, 'name', '')}); "
                          f"{report}")
     missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and all(k.startswith("head.") for k in missing), (missing, unexpected)
+    if unexpected or not all(k.startswith("head.") for k in missing):  # mismatch_report should have caught it
+        raise ValueError(f"--init-from {path}: unexpected keys {unexpected[:5]}, missing non-head keys "
+                         f"{[k for k in missing if not k.startswith('head.')][:5]}")
     return {"source": str(path), "loaded": len(state), "skipped": skipped}
