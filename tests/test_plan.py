@@ -145,3 +145,18 @@ def test_other_input_size_is_planned_on_request():
 def test_seq_len_refers_to_the_specs_own_img_size():
     spec = load_spec({"stages": [{"embedding": 32, "patch_size": 4, "seq_len": 3136}]})
     assert resolve(spec, img_size=(224, 160)).stages[0].seq_len == 56 * 40
+
+
+@pytest.mark.parametrize("downsample,advice", [
+    ({"kind": "conv", "patch_size": 3, "stride": 2, "padding": 0}, "padding 1 gives 16"),
+    ({"kind": "conv", "patch_size": 7, "stride": 4, "padding": 0}, "padding 2 gives 8"),
+    # an even kernel with stride 1 cannot keep the size: no padding is offered that would not work
+    ({"kind": "conv", "patch_size": 2, "stride": 1, "padding": 1}, "no padding gives 32 with patch_size 2"),
+])
+def test_padding_advice_is_a_padding_that_works(downsample, advice):
+    err = plan_error({"img_size": 32, "stages": [{"embedding": 8, "downsample": downsample}]})
+    assert err.loc == "stages.0.downsample.padding" and advice in str(err)
+    if advice.startswith("padding"):  # the advised padding plans
+        fixed = {**downsample, "padding": int(advice.split()[1])}
+        spec = {"img_size": 32, "stages": [{"embedding": 8, "num_heads": 1, "downsample": fixed}]}
+        assert resolve(load_spec(spec)).stages[0].out_grid == (32 // downsample["stride"],) * 2

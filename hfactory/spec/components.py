@@ -340,6 +340,23 @@ class IdentityMixerParams(TokenMixerParams):
 # ------------------------------------------------------------------------------ downsamplers
 
 
+def conv_out_len(n: int, kernel: int, stride: int, padding: int) -> int:
+    """Output length of a convolution or pooling over ``n`` positions (``floor((n + 2p - k) / s) + 1``, 0 if
+    the padded input is shorter than the kernel)."""
+    return (n + 2 * padding - kernel) // stride + 1 if n + 2 * padding >= kernel else 0
+
+
+def padding_advice(n: int, kernel: int, stride: int, kernel_field: str = "kernel_size") -> str:
+    """What makes ``kernel``/``stride`` map ``n`` positions to exactly ``n // stride``: the
+    smallest padding that does (paddings above ``kernel // 2`` are not offered), else a kernel
+    change (an even kernel with stride 1 shifts the grid by one whatever the padding)."""
+    for padding in range(kernel // 2 + 1):
+        if conv_out_len(n, kernel, stride, padding) == n // stride:
+            return f"padding {padding} gives {n // stride}"
+    return (f"no padding gives {n // stride} with {kernel_field} {kernel} and stride {stride}; use an odd "
+            f"{kernel_field} with stride 1, or {kernel_field} = stride (non-overlapping)")
+
+
 class ConvDownsampleParams(DownsampleParams):
     """Strided-conv patch embedding / downsampling with optional pre- or post-norm.
 
@@ -363,11 +380,10 @@ class ConvDownsampleParams(DownsampleParams):
             if n % s:
                 raise PlanError(f"{loc}.stride", f"stride {s} does not divide the input {axis} {n}; "
                                 f"use a stride that divides {n} or change img_size")
-            got = (n + 2 * p - k) // s + 1 if n + 2 * p >= k else 0
+            got = conv_out_len(n, k, s, p)
             if got != n // s:
-                want = max(0, -(-(k - s) // 2))
                 raise PlanError(f"{loc}.padding", f"patch_size {k}, stride {s}, padding {p} map {axis} {n} "
-                                f"to {got}, not {n // s}; padding {want} gives {n // s}")
+                                f"to {got}, not {n // s}; {padding_advice(n, k, s, 'patch_size')}")
         return (in_grid[0] // s, in_grid[1] // s)
 
     def resolve(self, in_chs, out_chs, in_grid, loc):

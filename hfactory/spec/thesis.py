@@ -36,7 +36,8 @@ from pydantic import Field
 
 from .. import registry
 from .base import PlanError
-from .components import AttentionParams, ComponentField, ComponentParams, DownsampleParams, NormField, StageContext
+from .components import (AttentionParams, ComponentField, ComponentParams, DownsampleParams, NormField,
+                         StageContext, conv_out_len, padding_advice)
 
 __all__ = ["KernelPoolParams", "AvgPoolDownsampleParams", "MaxPoolDownsampleParams", "RandConvParams",
            "SpatialLinearParams", "SpatialMlpParams", "RandSpatialParams", "GeMeParams", "Att0Params",
@@ -72,11 +73,10 @@ class KernelPoolParams(DownsampleParams):
         k, s, p = self.kernel_size, self.stride, self.padding
         out = exact_reduction(in_grid, s, loc)
         for axis, n in zip(("height", "width"), in_grid):
-            got = (n + 2 * p - k) // s + 1 if n + 2 * p >= k else 0
+            got = conv_out_len(n, k, s, p)
             if got != n // s:
-                want = max(0, -(-(k - s) // 2))
                 raise PlanError(f"{loc}.padding", f"kernel_size {k}, stride {s}, padding {p} map {axis} {n} to "
-                                f"{got}, not {n // s}; padding {want} gives {n // s}")
+                                f"{got}, not {n // s}; {padding_advice(n, k, s)}")
         return out
 
     def resolve(self, in_chs, out_chs, in_grid, loc):
