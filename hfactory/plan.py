@@ -25,7 +25,7 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict
 
-from .spec.base import MAX_BLOCKS, MAX_SIZE, PlanError
+from .spec.base import MAX_BLOCKS, MAX_SIZE, PlanError, refuse_huge_ints
 from .spec.components import ComponentParams, StageContext
 from .spec.model import EncoderSpec, StageDefaults, StageSpec
 
@@ -253,21 +253,7 @@ def _check_bounds(spec: EncoderSpec, img_size: tuple[int, int]) -> None:
     """Refuse sizes no model needs before anything loops over them or allocates them: every
     integer the spec sets at most :data:`MAX_SIZE` (``seq_len``, a token count, at most its square),
     every image side too, and at most :data:`MAX_BLOCKS` blocks in all."""
-    def walk(node, loc):
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{loc}.{key}" if loc else str(key))
-        elif isinstance(node, (list, tuple)):
-            for i, value in enumerate(node):
-                walk(value, f"{loc}.{i}" if isinstance(value, (dict, list, tuple)) else loc)
-        elif isinstance(node, int) and not isinstance(node, bool):
-            limit = MAX_SIZE ** 2 if loc.endswith(".seq_len") else MAX_SIZE
-            if abs(node) > limit:
-                shown = str(node) if node.bit_length() < 64 else f"a {int(node.bit_length() * 0.30103) + 1}-digit number"
-                raise PlanError(loc, f"{shown} is larger than {limit}, the largest the plan accepts here (a sanity "
-                                "bound far above any published model)")
-
-    walk(spec.model_dump(mode="json"), "")
+    refuse_huge_ints(spec.model_dump(mode="json"))
     if max(img_size) > MAX_SIZE:
         raise PlanError("img_size", f"{img_size[0]}x{img_size[1]} pixels: sides above {MAX_SIZE} are refused")
     total = 0

@@ -56,6 +56,22 @@ def test_plan_errors_name_the_field():
         spec(levels=[{"group": 4, "queries": 2, "embedding": 32, "num_heads": 2}])
 
 
+def test_huge_sizes_are_refused_before_anything_loops_over_them():
+    import time
+
+    start = time.process_time()
+    with pytest.raises(PlanError, match="larger than 65536") as err:
+        resolve_sft(spec(img_size=10**12))  # used to list the divisors of 10**12 / 4
+    assert err.value.loc == "img_size"
+    with pytest.raises(PlanError, match="larger than 65536") as err:
+        resolve_sft(spec(levels=[{"group_size": 4, "queries": 10**9, "embedding": 32, "num_heads": 2}]))
+    assert err.value.loc == "levels.0.queries"
+    with pytest.raises(PlanError, match="attention blocks; at most 1024") as err:
+        resolve_sft(spec(n_passes=5000))
+    assert err.value.loc == "n_passes"
+    assert time.process_time() - start < 2
+
+
 @pytest.mark.parametrize("grid,group", [((12,), (4,)), ((4, 6), (2, 3)), ((2, 4, 6), (1, 2, 3))])
 def test_level_mechanics_work_on_any_rank(grid, group):
     x = torch.arange(2 * math.prod(grid) * 3, dtype=torch.float32).reshape(2, *grid, 3)

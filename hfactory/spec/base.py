@@ -11,7 +11,7 @@ from typing import Any, Iterable
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
-__all__ = ["StrictModel", "did_you_mean", "located_error", "PlanError", "MAX_SIZE", "MAX_BLOCKS"]
+__all__ = ["StrictModel", "did_you_mean", "located_error", "PlanError", "MAX_SIZE", "MAX_BLOCKS", "refuse_huge_ints"]
 
 #: The largest size the plan accepts: any integer a spec sets (channels, pixels per image side,
 #: kernel, window, class count ...; token counts such as ``seq_len`` excepted) and any hidden width
@@ -114,3 +114,21 @@ class PlanError(ValueError):
         self.loc = loc
         self.message = message
         super().__init__(f"{loc}: {message}")
+
+
+def refuse_huge_ints(data, loc: str = "") -> None:
+    """Raise :class:`PlanError` at the first integer in ``data`` (a spec dumped to JSON-like
+    dicts and lists) above :data:`MAX_SIZE` (``seq_len``, a token count, above its square), so
+    that nothing loops over or allocates a size no model needs."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            refuse_huge_ints(value, f"{loc}.{key}" if loc else str(key))
+    elif isinstance(data, (list, tuple)):
+        for i, value in enumerate(data):
+            refuse_huge_ints(value, f"{loc}.{i}" if isinstance(value, (dict, list, tuple)) else loc)
+    elif isinstance(data, int) and not isinstance(data, bool):
+        limit = MAX_SIZE ** 2 if loc.endswith(".seq_len") else MAX_SIZE
+        if abs(data) > limit:
+            shown = str(data) if data.bit_length() < 64 else f"a {int(data.bit_length() * 0.30103) + 1}-digit number"
+            raise PlanError(loc, f"{shown} is larger than {limit}, the largest the plan accepts here (a sanity "
+                            "bound far above any published model)")

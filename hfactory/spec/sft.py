@@ -40,7 +40,7 @@ from typing import Annotated, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
-from .base import PlanError, StrictModel
+from .base import MAX_BLOCKS, PlanError, StrictModel, refuse_huge_ints
 from .components import AttentionParams, ComponentField, ComponentParams, StageContext
 
 __all__ = ["SFTSpec", "SFTLevelSpec", "SFTPlan", "SFTLevelPlan", "SFTTransitionPlan", "resolve_sft"]
@@ -175,6 +175,14 @@ def resolve_sft(spec: SFTSpec) -> SFTPlan:
         PlanError: a size that does not divide (``levels.1.group_size``), widths that shrink,
             heads that do not divide a width; the message says what would be valid.
     """
+    refuse_huge_ints(spec.model_dump(mode="json"))  # before any loop runs over a size
+    # forward sweeps are passes 0, 2, ...; backward sweeps 1, 3, ...
+    forward = sum(sum(lv.forward_layers) for lv in spec.levels)
+    backward = sum(sum(lv.backward_layers or lv.forward_layers) for lv in spec.levels)
+    blocks = (spec.n_passes + 1) // 2 * forward + spec.n_passes // 2 * backward
+    if blocks > MAX_BLOCKS:
+        raise PlanError("n_passes", f"{spec.n_passes} passes over {len(spec.levels)} levels run {blocks} attention "
+                        f"blocks; at most {MAX_BLOCKS} are accepted")
     img = spec.img_size if isinstance(spec.img_size, tuple) else (spec.img_size, spec.img_size)
     rank = len(img)
     patch = _tuple(spec.patch_size, rank, "patch_size")
