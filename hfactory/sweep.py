@@ -56,7 +56,8 @@ def _number(text: str) -> bool:
 
 
 def _slug(value: Any) -> str:
-    return re.sub(r"[^A-Za-z0-9.]+", "", str(value)) or "x"
+    """A file-name-safe spelling of a grid value: ``[7, 7]`` -> ``7_7``, ``-1`` -> ``-1``."""
+    return re.sub(r"[^A-Za-z0-9.\-]+", "_", str(value)).strip("_") or "x"
 
 
 def _key_slug(key: str) -> str:
@@ -76,11 +77,14 @@ def expand_grid(spec: EncoderSpec, grid: Mapping[str, list]) -> list[tuple[str, 
             raise OverrideError(key, "no values in the grid; give at least one")
     keys = list(grid)
     base = spec.name or "variant"
-    out = []
+    out, taken = [], set()
     for combo in itertools.product(*(grid[k] for k in keys)):
         rule = {RULE_KEYS[k]: v for k, v in zip(keys, combo) if k in RULE_KEYS}
         paths = {k: v for k, v in zip(keys, combo) if k not in RULE_KEYS}
         name = "-".join([base] + [f"{_key_slug(k)}{_slug(v)}" for k, v in zip(keys, combo)])
+        if name in taken:  # values that spell alike (e.g. "a b" and "a_b"): keep every variant's file
+            name = f"{name}-{len(out)}"
+        taken.add(name)
         variant = scale(spec, rule) if rule else spec
         variant = variant.with_changes(paths) if paths else variant
         variant = variant.model_copy(update={"name": name})

@@ -222,3 +222,13 @@ def test_overrides_reach_the_mae_section():
         spec.with_changes({"mae.decoder_width": 4})
     with pytest.raises(ValidationError, match="mask_ratio"):
         spec.with_changes({"mae.mask_ratio": 1.5})
+
+
+def test_sweep_variant_names_are_distinct_file_names():
+    from hfactory.sweep import expand_grid
+
+    swin = hfactory.load_preset("swin_tiny_patch4_window7_224")
+    names = [n for n, _ in expand_grid(swin, {"stages.0.token_mixer.window_size": [[7, 7], [8, 8]]})]
+    assert names == [f"swin_tiny_patch4_window7_224-s0.token_mixer.window_size{w}" for w in ("7_7", "8_8")]
+    twice = [n for n, _ in expand_grid(swin, {"stages.0.depth": [1, 1]})]  # same spelling: still two files
+    assert len(set(twice)) == 2
