@@ -1,6 +1,6 @@
 """HierarchicalEncoder: the built model, with timm's backbone API and one behaviour for all.
 
-timm's names and signatures (``shared/reference/timm_anchor.md``), but the same behaviour for
+timm's names and signatures (timm 1.0.31: ``forward_intermediates``, ``feature_info``, ...), but the same behaviour for
 every architecture hfactory builds, where timm's models disagree:
 
 - ``forward_features`` returns the final map as NCHW ``(B, C, H, W)``, always.

@@ -460,10 +460,11 @@ def _fused_first_block(ds, mixer, prev_mixer, stage, spec, loc, dim, dim_in, gri
 
 # ------------------------------------------------------------------------ mask units and MAE
 #
-# The rule (DESIGN.md, "sparse MAE is simply keep a subset of U"): the sparse encoder deletes the
-# masked mask units after stage 0 and runs every later component on the kept units only. That is
-# exact -- each kept token is a function of the visible image alone, whichever units were dropped
-# -- when every component from the units onward is one of:
+# The rule (Hiera, arXiv 2306.00989: sparse MAE keeps a subset of the mask units): the sparse
+# encoder deletes the masked mask units after stage 0's patch embedding and runs every later
+# component on the kept units only. That is exact -- each kept token is a function of the
+# visible image alone, whichever units were dropped -- when every component from the units
+# onward is one of:
 #
 # 1. token-wise: norms over channels (layernorm), MLPs, identity, no downsampling;
 # 2. unit-local: it reads only tokens of the same mask unit -- mask-unit attention, window

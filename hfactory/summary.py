@@ -8,7 +8,7 @@ Definitions (the same for every model, so hfactory and timm models can be compar
 - **GMACs**: multiply-accumulates of one image (batch 1, eval mode) in units of 10^9, counted by
   :class:`torch.utils.flop_counter.FlopCounterMode` (MACs = FLOPs / 2) on meta tensors, with the
   attention forced to the explicit ``math`` backend so its two matmuls are counted. Like timm's
-  published numbers (``shared/reference/timm_anchor.md``) this counts convolutions and matrix
+  published GMACs this counts convolutions and matrix
   products (``conv``, ``mm``, ``addmm``, ``bmm``, SDPA); norms, activations, pooling, softmax and
   elementwise ops are not counted. (The fused CPU SDPA kernel is missing from the counter's
   registry, so counting with ``sdpa`` would undercount; on meta tensors SDPA decomposes to the

@@ -1,8 +1,8 @@
 """hfactory.compat.xformers: xformers' removed hierarchical factory, rebuilt on hfactory.
 
-Independent references: the xformers documentation example (shared/seeds/004), the API and the
-faults of xformers commit 6e10bd21 (shared/reference/xformers_factory.md §1.6, §2: the MetaFormer
-trunk has 6,570,688 parameters), and hand-computed token counts.
+Independent references: the xformers documentation example of the hierarchical factory, the API
+and the faults of xformers commit 6e10bd21 (the MetaFormer trunk has 6,570,688 parameters), and
+hand-computed token counts.
 """
 
 import math

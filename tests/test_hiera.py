@@ -148,7 +148,7 @@ def test_no_weight_decay_lists_position_embeddings(pair):
     assert ours.no_weight_decay() == expected
     params = dict(ours.named_parameters())
     assert all(k in params for k in expected)
-    # timm lists only "pos_embed" for abswin (reference/timm_anchor.md, "no_weight_decay misses")
+    # timm lists only "pos_embed" for abswin (timm 1.0.31 Hiera.no_weight_decay)
     assert {f"stages.0.pos_embed.{k}" for k in ref.no_weight_decay()} <= expected
 
 

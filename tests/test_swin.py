@@ -45,7 +45,7 @@ def tiny_pair():
 def test_preset_has_timms_parameter_count_and_keys(tiny_pair):
     ref, ours = tiny_pair
     n_ref = sum(p.numel() for p in ref.parameters())
-    assert n_ref == 28_288_354  # shared/reference/timm_anchor.md
+    assert n_ref == 28_288_354  # timm's swin_tiny_patch4_window7_224
     assert sum(p.numel() for p in ours.parameters()) == n_ref
     assert len(ours.state_dict()) == len(ref.state_dict()) == 173  # buffers are non-persistent in both
     assert ours.spec.name == PRESET

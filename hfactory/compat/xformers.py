@@ -28,7 +28,7 @@ pre- or post-norm residuals, multi-head scaled-dot-product attention (fused kern
 optional 1-D rotary embeddings over the flattened tokens, PoolFormer pooling, xformers' MLP, and
 the final LayerNorm of pre-norm stacks.
 
-Faults of the original that are fixed here (reference: ``shared/reference/xformers_factory.md``):
+Faults of the original that are fixed here (xformers @ 6e10bd21, ``xformers/factory/``):
 
 1. The default ``residual_norm_style`` crashed (``str(ResidualNormStyle.Pre)`` was not a valid
    value); ``"pre"``, ``"post"`` and :class:`ResidualNormStyle` members are all accepted.

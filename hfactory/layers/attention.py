@@ -14,7 +14,7 @@ Backends:
 The backend comes from the model (spec ``attn_backend``), and :func:`attention_backend` overrides
 it for a block of code (``with hfactory.attention_backend("math"): ...``).
 
-Facts about the xformers kernels used here (``shared/reference/xformers_ops.md``): the layout is
+Facts about the xformers kernels used here (``xformers.ops.fmha``): the layout is
 BMHK, not SDPA's BHMK; a tensor bias needs the full shape (no broadcasting) and its last-dim
 storage padded to a multiple of 8 elements (sliced back to N); only the cutlass kernel supports
 a bias that requires grad, which xformers' dispatcher picks when given such a bias.

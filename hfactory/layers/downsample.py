@@ -40,7 +40,7 @@ class ConvDownsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_norm:
             x = self.norm(x)
-        # Speed (issue 4): feed the conv a channels-last tensor so that oneDNN returns a
+        # Speed (benchmarks/RESULTS.md, presets vs timm): feed the conv a channels-last tensor so that oneDNN returns a
         # channels-last one and the permute back is a contiguous (B, H, W, C) grid. The stem's
         # input is the NCHW image (one small 3-channel copy here); without it the stem's output
         # stays NCHW in memory and, with no norm to repack it (PoolFormer, Hiera), every later

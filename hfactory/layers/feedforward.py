@@ -45,7 +45,7 @@ class StarReLU(nn.Module):
     """``scale * relu(x)^2 + bias`` with learnable scalars, any shape to the same shape
     (MetaFormer baselines, arXiv 2210.13452; timm ``StarReLU`` parameter names ``scale`` and
     ``bias``). Same values as timm's up to rounding (~1e-7 relative), computed in fewer passes
-    over memory: in place without autograd, with a two-pass backward otherwise (speed, issue 4).
+    over memory: in place without autograd, with a two-pass backward otherwise (speed: benchmarks/RESULTS.md).
     """
 
     def __init__(self, scale_value: float = 1.0, bias_value: float = 0.0):

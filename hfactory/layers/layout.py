@@ -1,4 +1,4 @@
-"""Token layouts and the one place that converts between them (DESIGN.md, token-layout contract).
+"""Token layouts and the one place that converts between them (the token-layout contract).
 
 - grid ``(B, H, W, C)``: channels-last 2-D tokens.
 - units ``(B, U, uh, uw, C)``: the grid cut into ``U`` mask units of ``uh x uw`` tokens, row-major
@@ -48,7 +48,7 @@ def pool_hw(x: torch.Tensor, stride: tuple[int, int], mode: str = "max") -> torc
     if sh == sw == 1:
         return x
     *lead, h, w, c = x.shape
-    # Speed (issue 4): a non-overlapping max_pool2d / avg_pool2d on the channels-last view
+    # Speed (benchmarks/RESULTS.md): a non-overlapping max_pool2d / avg_pool2d on the channels-last view
     # ``(N, C, h, w)`` (a permute, no copy) gives the same values as reducing the reshaped
     # ``(..., h/sh, sh, w/sw, sw, C)`` with ``amax(dim=(-4, -2))`` / ``mean``, but runs a native
     # channels-last kernel: on hiera_tiny's q-pooling (1 CPU thread) ~20x faster forward and
@@ -65,7 +65,7 @@ class TokenLinear(nn.Linear):
     """``nn.Linear`` over the channel axis of channels-last tokens ``(..., C)`` (same parameters,
     names and values: a drop-in subclass).
 
-    Speed (issue 4): on the CPU, tokens (``ndim >= 3``) go through ``F.conv2d`` with the weight
+    Speed: on the CPU, tokens (``ndim >= 3``) go through ``F.conv2d`` with the weight
     viewed as a 1x1 kernel, all ``M`` tokens laid out as one channels-last row ``(1, C, 1, M)``
     (a view, no copy; the output is channels-last too, so the view back is contiguous). The
     product is the same (sums in another order, ~1e-7 relative), but it runs on oneDNN, which on

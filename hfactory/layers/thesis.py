@@ -4,7 +4,7 @@ Source: leognk/HierarchicalTransformers @ 17d81f6, ``models/encoders/metaformer.
 (``KernelPooling``, ``SpatialMLPPooling``, ``GeMePooling`` + ``GreedyMerging``,
 ``Attention0Pooling`` + ``AttentionAggregate``); attribute names follow it where it has them
 (``norm``, ``pool``, ``norm1``, ``spatial_proj``, ``norm2``, ``channel_proj``, ``to_kv``,
-``proj``). Written from the facts in ``shared/reference/hier_models.md`` section C.
+``proj``). Written from the behaviour of leognk/HierarchicalTransformers @ 17d81f6 (read, not copied).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Shared pydantic machinery for specs: strict models whose errors say what would be valid.
 
-No torch here: specs must validate instantly anywhere (DESIGN.md, "One direction of flow").
+No torch here: specs must validate instantly anywhere (spec -> plan -> registry -> modules;
+a test checks that validating and planning never import torch).
 """
 
 from __future__ import annotations

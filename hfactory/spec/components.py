@@ -6,7 +6,7 @@ model validates the options and does the component's own shape arithmetic for th
 (``resolve``); it returns the keyword arguments its ``nn.Module`` builder receives, so modules
 never re-derive shapes.
 
-Token layouts (DESIGN.md, "The token-layout contract"): every component declares the layouts
+Token layouts (the contract in :mod:`hfactory.layers.layout`): every component declares the layouts
 it accepts (``accepts``), downsamplers also the layout they produce (``produces``). This first
 set works on the ``grid`` layout, ``(B, H, W, C)`` channels-last.
 """

@@ -3,8 +3,8 @@ spec and its plan (pure Python, no torch; the modules are in :mod:`hfactory.sft`
 
 Source: leognk/HierarchicalTransformers @ 17d81f6, ``models/encoders/sft/sft.py`` and its README
 ("tokens at resolution level n query tokens at level n - 1 (forward pass) or n + 1 (backward
-pass) to update their own representation with cross-attention"); facts in
-``shared/reference/hier_models.md`` section C.4.
+pass) to update their own representation with cross-attention"); behaviour read from
+leognk/HierarchicalTransformers @ 17d81f6 (the SFT model and its ``no_rec`` configs).
 
 Levels: level 0 is the patch embedding of the image (a grid of ``img_size / patch_size`` tokens,
 width ``embedding``, plus a fixed sin-cos position embedding). Transition ``i`` (one entry of

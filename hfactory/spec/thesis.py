@@ -1,8 +1,7 @@
 """The downsamplers of the thesis repo's downsampling study (params + plan arithmetic; no torch).
 
 Source: leognk/HierarchicalTransformers @ 17d81f6 (master's thesis, Okatani lab, Tohoku
-University), ``models/encoders/metaformer.py`` ``create_pooling``; facts in
-``shared/reference/hier_models.md`` section C. Every entry maps a grid ``(B, H, W, C_in)`` to a
+University), ``models/encoders/metaformer.py`` ``create_pooling``. Every entry maps a grid ``(B, H, W, C_in)`` to a
 coarser set of ``C_out`` tokens and can start any grid stage (``downsample: {kind: ...}``):
 
 ========== =====================================================================================
