@@ -116,6 +116,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[
 
     Returns:
         ``(B, H, M, Dv)``.
+
+    Backends: ``auto`` is xformers' ``memory_efficient_attention`` for CUDA tensors when xformers
+    loads, else PyTorch SDPA; ``xformers`` asked for where it cannot run falls back to SDPA with a
+    ``RuntimeWarning``; ``math`` is the plain reference (scores materialised).
+
+    Raises:
+        ValueError: an unknown ``backend`` (the valid ones are named).
     """
     chosen = _pick_backend(backend, q)
     if chosen == "xformers":

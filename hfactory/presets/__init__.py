@@ -36,7 +36,11 @@ def preset_path(name: str) -> Path:
 
 
 def load_preset(name: str) -> EncoderSpec:
-    """The validated :class:`EncoderSpec` of preset ``name``."""
+    """The validated :class:`EncoderSpec` of preset ``name`` (``list_models()`` lists them).
+
+    Raises:
+        ValueError: no preset of that name (the message suggests the closest and lists them).
+    """
     return load_spec(preset_path(name))
 
 
@@ -49,7 +53,14 @@ def resolve_spec_arg(arg: str) -> EncoderSpec:
 
 
 def create_model(name: str, **overrides):
-    """Build preset ``name`` with top-level spec fields overridden (``num_classes=10``, ...)."""
+    """Build preset ``name`` with top-level spec fields overridden (``num_classes=10``,
+    ``img_size=(256, 256)``, ...), like ``timm.create_model`` without weights.
+
+    Raises:
+        ValueError: no preset of that name (the message suggests the closest and lists them).
+        pydantic.ValidationError / PlanError: an override that is not a valid field value or that
+            the plan refuses (e.g. an ``img_size`` the strides do not divide), with its location.
+    """
     from ..encoder import build_encoder
 
     return build_encoder(load_preset(name), **overrides)
