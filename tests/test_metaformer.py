@@ -86,7 +86,7 @@ def test_state_dict_of_another_size_is_refused_naming_keys():
         from_timm_state_dict({"foo.weight": torch.zeros(1)}, model)
 
 
-@pytest.mark.parametrize("name", ["poolformerv2_s12", "caformer_s18"])
+@pytest.mark.parametrize("name", ["poolformer_s12", "poolformerv2_s12", "convformer_s18", "caformer_s18"])
 @pytest.mark.parametrize("hw", [(256, 256), (320, 256)])
 def test_other_resolutions_follow_the_plan(name, hw):
     model = hfactory.create_model(name).eval()

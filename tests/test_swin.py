@@ -279,3 +279,15 @@ def test_torch_compile_traces_without_graph_breaks():
     for grid in ((40, 32), (44, 30)):
         explained = torch._dynamo.explain(mixer)(torch.randn(1, *grid, 32))
         assert explained.graph_break_count == 0, (grid, explained.break_reasons)
+
+
+@pytest.mark.parametrize("hw", [(256, 256), (320, 256)])
+def test_the_preset_itself_runs_at_other_sizes(hw):
+    # timm's swin_tiny_patch4_window7_224 built for 224 refuses these inputs; ours pads its windows
+    model = build_encoder(load_preset("swin_tiny_patch4_window7_224")).eval()
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(torch.randn(1, 3, *hw))
+        logits = model.forward_head(final)
+    plan = resolve(model.spec, img_size=hw)
+    assert [tuple(m.shape[1:]) for m in maps] == [(s.out_chs, *s.out_grid) for s in plan.stages]
+    assert logits.shape == (1, 1000) and torch.isfinite(logits).all()
