@@ -265,6 +265,9 @@ def summarize(spec, batch: int = 1) -> dict:
         "attention": "fused (q, k, v, out, logsumexp, bias saved)" if fused else "math ((B, H, N, N) probabilities saved)",
         "seconds": time.perf_counter() - tick,
         "unmeasured": unmeasured,
+        # Sparse MAE pretraining (hfactory pretrain): None without mask units, else the plan's verdict
+        "mae": None if plan.mask_unit_size is None else (
+            "compatible" if plan.mae_compatible else f"incompatible: {plan.mae_incompatibility}"),
         "definitions": {
             "gmacs": "multiply-accumulates per image / 1e9: FlopCounterMode FLOPs / 2 on the meta device with "
                      "math attention; conv, mm, addmm, bmm and attention matmuls only (as timm)",
@@ -325,4 +328,6 @@ def format_summary(summary: dict) -> str:
                  f"attention counted as {summary['attention']}")
     if summary.get("unmeasured"):
         lines.append(f"GMACs and activation memory not measured: {summary['unmeasured']}")
+    if summary.get("mae"):
+        lines.append(f"sparse MAE pretraining (mask units): {summary['mae']}")
     return "\n".join(lines)

@@ -344,3 +344,10 @@ def test_summary_without_meta_support_still_reports_the_plan(capsys, monkeypatch
     assert "not measured: the model does not run on the meta device" in out and "'Meta' backend" in out
     total = next(line for line in out.splitlines() if line.startswith("total")).split()
     assert total[-2:] == ["-", "-"] and total[-3].endswith("k")  # params are still counted (e.g. 74.6k)
+
+
+def test_summary_states_the_mae_verdict(capsys):
+    status, out, _ = run(capsys, "summary", "mae_hiera_tiny_224")
+    assert status == 0 and "sparse MAE pretraining (mask units): compatible" in out
+    status, out, _ = run(capsys, "summary", "caformer_s18")  # no mask units: nothing to say
+    assert status == 0 and "MAE" not in out

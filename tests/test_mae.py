@@ -338,6 +338,21 @@ def test_save_and_reload_and_backward_reaches_every_parameter(tmp_path):
     torch.testing.assert_close(again.eval()(x, mask=keep)[0], model.eval()(x, mask=keep)[0])
 
 
+def test_the_non_hiera_example_pretrains_sparsely():
+    # examples/mae_swin_like.yaml: Swin-T widths made MAE-compatible (unshifted windows = units)
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(EXAMPLES / "mae_swin_like.yaml").train()
+    x = images(1, (224, 224))
+    loss, pred, label, mask = model(x, mask_ratio=0.6)
+    units = model.encoder.num_mask_units()
+    kept = int(units * (1 - 0.6))
+    assert mask.shape == (1, units) and int(mask.sum()) == kept  # True = kept, as the reference
+    assert pred.shape == label.shape and pred.shape[0] == units - kept  # loss on the masked units only
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 # --------------------------------------------------------------------------------- pretrain
 
 FAST = ["--batch-size", "128", "--lr", "3e-3", "--no-progress", "--epochs", "2", "--warmup-epochs", "0.5",
