@@ -11,7 +11,8 @@ spec has ``drop_path_rate: 0`` and ``drop_rate: 0`` because stochastic depth and
 are drawn per process (see hfactory/train/distributed.py).
 
 Then FSDP2 (``--fsdp``) stops after 3 steps and DDP resumes its checkpoint: the result must be
-the uninterrupted DDP run's. Runs take ~6-10 s each on 2 cores (4 torchrun launches).
+the uninterrupted DDP run's; and ``hfactory pretrain`` (sparse MAE) under torchrun must match
+one process too. Runs take ~6-10 s each on 2 cores (5 torchrun launches).
 """
 
 from __future__ import annotations
@@ -51,12 +52,12 @@ stages:
 ARGS = ["--epochs", "1", "--batch-size", "359", "--lr", "5e-3", "--no-progress", "--threads", "1"]
 
 
-def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def torchrun(*args: str, cwd: Path, command: str = "train") -> subprocess.CompletedProcess:
     """``python -m torch.distributed.run --standalone --nproc_per_node=2 -m hfactory train ...``
     (``--standalone`` picks a free port)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "hfactory", "train", *args]
+               "-m", "hfactory", command, *args]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
 
 
@@ -125,3 +126,51 @@ def test_refused_out_dir_is_reported_once_and_untouched(runs):
     assert result.returncode != 0
     assert result.stderr.count("already holds a run of another spec") == 1, result.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in (runs / "single").rglob("*")} == before
+
+
+TINY_MAE = """\
+name: tiny_mae_ddp
+img_size: 16
+in_chans: 1
+num_classes: 10
+mask_unit_size: 2
+drop_path_rate: 0.0
+defaults:
+  dim_head: 8
+  feedforward: {kind: mlp, hidden_layer_multiplier: 2}
+  downsample: {kind: q_pool}
+stages:
+  - {embedding: 16, depth: 1, token_mixer: mask_unit_attention, pos_embed: learned,
+     downsample: {kind: conv, patch_size: 2, stride: 2}}
+  - {embedding: 32, depth: 1, token_mixer: attention}
+mae: {decoder_embedding: 16, decoder_depth: 1, decoder_num_heads: 2, mask_ratio: 0.5}
+"""
+
+
+def test_two_processes_pretrain_like_one(runs):
+    # Every process draws the global batch's masks, so two processes see the same masked units
+    # as one; the reconstruction loss is a mean over masked patches, averaged across shares.
+    (runs / "tiny_mae.yaml").write_text(TINY_MAE, encoding="utf-8")
+    args = ["--epochs", "1", "--batch-size", "359", "--lr", "3e-3", "--no-progress", "--threads", "1"]
+    threads = torch.get_num_threads()
+    try:
+        assert main(["pretrain", str(runs / "tiny_mae.yaml"), "--out", str(runs / "mae_single"), *args]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    result = torchrun("tiny_mae.yaml", "--out", "mae_ddp", *args, cwd=runs, command="pretrain")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("epoch 1/1") == 1, result.stdout
+    final = json.loads(result.stdout.strip().splitlines()[-1])
+    single = json.loads((runs / "mae_single" / "metrics.json").read_text())
+    assert final["world_size"] == 2 and final["steps"] == single["steps"] == 5
+    assert final["test_loss"] == pytest.approx(single["test_loss"], rel=1e-3)
+    a = load_file(str(runs / "mae_ddp" / "encoder" / "model.safetensors"))
+    b = load_file(str(runs / "mae_single" / "encoder" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        if name.endswith("qkv.bias"):
+            # The key bias's true gradient is exactly zero (softmax ignores a shift shared by all
+            # keys): AdamW normalises float noise there into lr-sized steps. Compare q and v biases.
+            n = a[name].shape[0] // 3
+            a[name], b[name] = (torch.cat([t[:n], t[2 * n:]]) for t in (a[name], b[name]))
+        torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-4, msg=name)
