@@ -433,3 +433,20 @@ def test_sweep_measures_merging_specs_as_whole_models(last):
         assert (row["params"], row["gmacs"], row["activation_bytes"]) == (
             whole["params"], whole["gmacs"], whole["activation_bytes"])
     assert rows[1]["params"] > rows[0]["params"]
+
+
+@pytest.mark.parametrize("pool", ["avg", "max"])
+def test_att0_with_pooling_clusters_keeps_the_grid(pool):
+    # clusters_init from a pooling downsampler (C_in -> 2 C_in per output cell): the output keeps
+    # the grid layout, and gradients reach the pooling layer's projection.
+    last = {"kind": "att0", "assignment": "soft", "last_assignment": "soft",
+            "clusters_init": {"kind": pool, "kernel_size": 2, "stride": 2, "padding": 0}}
+    model = build_encoder(tiny(last=last))
+    plan = model.plan
+    assert plan.stages[3].layout == "grid" and plan.stages[3].out_grid == (2, 2)
+    assert plan.stages[2].carry["num_clusters"] == 8
+    maps = model.forward_intermediates(torch.randn(2, 3, 32, 32), intermediates_only=True)
+    assert [tuple(m.shape[1:]) for m in maps] == [(s.out_chs, *s.out_grid) for s in plan.stages]
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    init = [p for n, p in model.named_parameters() if n.startswith("stages.2.carry.")]
+    assert init and all(p.grad is not None and p.grad.abs().sum() > 0 for p in init)
