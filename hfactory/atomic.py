@@ -15,8 +15,20 @@ from typing import Iterator
 
 __all__ = ["atomic_path"]
 
-_UMASK = os.umask(0o022)  # reading the umask means setting it; restore it at once
-os.umask(_UMASK)
+
+def _current_umask() -> int:
+    """The process umask, read without changing it where Linux exposes it (``/proc/self/status``);
+    elsewhere by setting and restoring it (a moment in which another thread's new files would get
+    0o022)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
@@ -28,7 +40,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the final file the usual permissions
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

@@ -296,3 +296,19 @@ def test_plans_hashes_and_seeded_weights_agree_across_processes():
         plan = resolve(load_preset(name))
         assert runs[0][name][0] == hashlib.sha256(str(plan).encode()).hexdigest(), name
         assert runs[0][name][2] == spec_hash(load_preset(name))
+
+
+def test_atomic_files_get_the_umask_permissions_without_changing_it(tmp_path):
+    import os
+
+    from hfactory.atomic import atomic_path
+
+    old = os.umask(0o027)
+    try:
+        with atomic_path(tmp_path / "f") as tmp:
+            tmp.write_text("x")
+        assert (tmp_path / "f").stat().st_mode & 0o777 == 0o640  # not mkstemp's 0600
+        assert os.umask(0o027) == 0o027  # still the process's umask
+    finally:
+        os.umask(old)
+    assert [p.name for p in tmp_path.iterdir()] == ["f"]  # no stray temporary file
