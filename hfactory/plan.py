@@ -585,18 +585,18 @@ def mae_verdict(plan: Plan) -> Optional[str]:
         loc = f"stages.{s.index}"
         unit = s.unit_size if s.layout == "units" else None
         grid = s.out_grid
-        checks = [] if s.index == 0 else [("downsample", s.downsample, f"{loc}.downsample"),
-                                         ("pos_embed", s.pos_embed, f"{loc}.pos_embed")]
+        checks = [] if s.index == 0 else [("downsample", s.downsample, f"{loc}.downsample", ""),
+                                         ("pos_embed", s.pos_embed, f"{loc}.pos_embed", "")]
         for j, b in enumerate(s.blocks):
-            where = f" (block {j})" if s.depth > 1 else ""
-            checks += [("norm", b.norm1, f"{loc}.norm"), ("token_mixer", b.token_mixer, f"{loc}.token_mixer{where}")]
-        checks += [("feedforward", s.feedforward, f"{loc}.feedforward"), ("norm", s.norm, f"{loc}.norm")]
-        for slot, entry, where in checks:
+            block = f"(block {j}) " if s.depth > 1 else ""  # in the message: the location stays a spec path
+            checks += [("norm", b.norm1, f"{loc}.norm", ""), ("token_mixer", b.token_mixer, f"{loc}.token_mixer", block)]
+        checks += [("feedforward", s.feedforward, f"{loc}.feedforward", ""), ("norm", s.norm, f"{loc}.norm", "")]
+        for slot, entry, where, block in checks:
             if entry.get("per_unit"):
                 continue  # resolve() checked it on the whole grid before cutting it to one unit
             reason = crosses_units(slot, entry, unit, grid if unit is not None else None)
             if reason is not None:
-                return f"{where}: {entry['kind']} -- {reason}"
+                return f"{where}: {block}{entry['kind']} -- {reason}"
     if plan.mask_unit_size is None:
         return ("mask_unit_size: not set, so the tokens are never cut into mask units that MAE could drop; set "
                 "mask_unit_size (e.g. 8 tokens = 32x32 pixels at patch stride 4)")

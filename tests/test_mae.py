@@ -79,8 +79,8 @@ def images(b, hw, chans=3, seed=1):
     ("hiera_tiny_224", True, None, None),
     ("hiera_small_abswin_256", True, None, None),
     ("mae_hiera_tiny_224", True, None, None),
-    ("swin_tiny_patch4_window7_224", False, "stages.0.token_mixer (block 1)", "shifted windows"),
-    ("convformer_s18", False, "stages.0.token_mixer (block 0)", "depthwise conv"),
+    ("swin_tiny_patch4_window7_224", False, "stages.0.token_mixer", "(block 1) window_attention -- shifted windows"),
+    ("convformer_s18", False, "stages.0.token_mixer", "(block 0) sepconv"),
     ("poolformer_s12", False, "stages.0.norm", "groupnorm"),
 ])
 def test_presets_verdict_names_the_first_offending_component(name, compatible, loc, words):
@@ -103,7 +103,7 @@ def test_global_attention_is_compatible_at_any_stage_but_rotary_is_not():
     stages[1]["token_mixer"] = {"kind": "attention", "rotary": True}
     verdict = resolve(load_spec(spec_with(spec, stages=stages))).mae_incompatibility
     # block 0 pools queries with the lagged stage-0 mixer; block 1 is the first rotary one
-    assert verdict.startswith("stages.1.token_mixer (block 1): attention") and "rotary" in verdict
+    assert verdict.startswith("stages.1.token_mixer: (block 1) attention") and "rotary" in verdict
 
 
 def test_spec_without_mask_units_is_incompatible():
@@ -237,7 +237,8 @@ def test_bad_masks_fail_with_clear_messages():
 def test_mae_refuses_incompatible_specs_naming_the_component():
     with pytest.raises(PlanError) as err:
         MaskedAutoencoder(load_preset("swin_tiny_patch4_window7_224"))
-    assert err.value.loc == "stages.0.token_mixer (block 1)" and "shifted windows" in str(err.value)
+    assert err.value.loc == "stages.0.token_mixer" and "(block 1)" in str(err.value)
+    assert "shifted windows" in str(err.value)
 
 
 def test_mask_ratio_out_of_range_and_too_high():
@@ -413,7 +414,7 @@ def test_pretrain_refuses_bad_input(tiny_mae_spec, tmp_path, capsys):
 
     assert main(["pretrain", "swin_tiny_patch4_window7_224", "--out", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err
-    assert "stages.0.token_mixer (block 1)" in err and "shifted windows" in err
+    assert "stages.0.token_mixer: " in err and "(block 1)" in err and "shifted windows" in err
     assert main(["pretrain", str(tiny_mae_spec), "--out", str(tmp_path / "r"), "--mask-ratio", "1.0"]) == 2
     assert "--mask-ratio 1.0 is out of range; it must be in [0, 1)" in capsys.readouterr().err
     assert not (tmp_path / "s").exists() and not (tmp_path / "r").exists()
