@@ -31,7 +31,7 @@ from .build import build_component
 from .layers.attention import attention
 from .layers.block import Block
 from .spec.base import PlanError
-from .spec.io import load_yaml
+from .spec.io import read_spec_document
 from .spec.sft import SFTPlan, SFTSpec, SFTTransitionPlan, resolve_sft
 
 __all__ = ["SFTEncoder", "Codec", "CrossBlock", "build_sft", "load_sft_spec", "group_tokens", "ungroup_tokens",
@@ -291,16 +291,16 @@ def _init_weights(m: nn.Module) -> None:
 
 
 def load_sft_spec(source: Union[str, os.PathLike, dict, SFTSpec]) -> SFTSpec:
-    """An :class:`SFTSpec` from a path, YAML text, a dict or a spec (pydantic errors name the field)."""
+    """An :class:`SFTSpec` from a path, YAML text, a dict or a spec, read as encoder specs are
+    (:func:`hfactory.spec.io.read_spec_document`: size limit, safe YAML).
+
+    Raises:
+        pydantic.ValidationError: a wrong field, located; FileNotFoundError / ValueError: see
+            ``read_spec_document``.
+    """
     if isinstance(source, SFTSpec):
         return source
-    if isinstance(source, dict):
-        return SFTSpec.model_validate(source)
-    text = str(source)
-    if os.path.isfile(text):
-        with open(text, encoding="utf-8") as f:
-            text = f.read()
-    return SFTSpec.model_validate(load_yaml(text))
+    return SFTSpec.model_validate(read_spec_document(source))
 
 
 def build_sft(source: Union[str, os.PathLike, dict, SFTSpec], **overrides) -> SFTEncoder:

@@ -15,7 +15,7 @@ import yaml
 
 from .model import EncoderSpec
 
-__all__ = ["load_yaml", "load_spec", "dump_spec", "SpecSource", "MAX_SPEC_BYTES"]
+__all__ = ["load_yaml", "load_spec", "read_spec_document", "dump_spec", "SpecSource", "MAX_SPEC_BYTES"]
 
 #: Larger documents are refused before parsing; a spec is a few kilobytes (the largest preset is
 #: under 3 kB). PyYAML's pure-Python parser needs several seconds per megabyte, so the bound keeps
@@ -115,6 +115,20 @@ def load_spec(source: SpecSource) -> EncoderSpec:
     """
     if isinstance(source, EncoderSpec):
         return source
+    return EncoderSpec.model_validate(read_spec_document(source))
+
+
+def read_spec_document(source) -> dict:
+    """The mapping a spec is validated from: a ``dict`` as it is; a path (``os.PathLike``, or a
+    one-line ``str`` ending in ``.yaml``/``.yml``/``.json``) read as UTF-8 after a size check;
+    any other ``str`` parsed as YAML text (:func:`load_yaml`). Shared by every spec kind
+    (encoder specs, SFT specs), so all get the same safety checks.
+
+    Raises:
+        FileNotFoundError: a path that does not exist.
+        ValueError: a file over :data:`MAX_SPEC_BYTES` or not UTF-8, unsafe or malformed YAML, or a
+            document that is not a mapping.
+    """
     if isinstance(source, os.PathLike) or (isinstance(source, str) and "\n" not in source
                                             and source.endswith((".yaml", ".yml", ".json"))):
         path = Path(source)
@@ -130,7 +144,7 @@ def load_spec(source: SpecSource) -> EncoderSpec:
         source = load_yaml(source)
     if not isinstance(source, dict):
         raise ValueError(f"a spec must be a mapping with at least 'stages', got {type(source).__name__}")
-    return EncoderSpec.model_validate(source)
+    return source
 
 
 def dump_spec(spec: EncoderSpec, schema_url: str | None = None) -> str:
