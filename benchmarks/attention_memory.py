@@ -40,6 +40,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import cpu_model
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
 SECTION = "## Attention memory (sdpa vs math)"
@@ -94,17 +96,6 @@ def rss_now_kib() -> int:
 
 def maxrss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def fmt_bytes(n: float) -> str:

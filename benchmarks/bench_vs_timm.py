@@ -21,19 +21,8 @@ import datetime as _dt
 import os
 import platform
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from common import ROOT, append_results, cpu_model, cpus
 
 
 def main() -> int:
@@ -43,7 +32,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--threads", type=int, default=cpus())
     parser.add_argument("--no-train", action="store_true", help="skip the training-step timing")
     parser.add_argument("--write", action="store_true", help="append the snippet to benchmarks/RESULTS.md")
     args = parser.parse_args()
@@ -88,12 +77,12 @@ def main() -> int:
         + " ".join(sys.argv[1:]) + "`",
         "",
         f"- Date: {started:%Y-%m-%d %H:%M} UTC",
-        f"- Machine: {len(os.sched_getaffinity(0))} CPUs ({_cpu_model()}), no GPU; `torch.set_num_threads({args.threads})`",
+        f"- Machine: {cpus()} CPUs ({cpu_model()}), no GPU; `torch.set_num_threads({args.threads})`",
         f"- torch {torch.__version__}, timm {timm.__version__}, Python {platform.python_version()}",
         f"- Load average (1/5/15 min) at start {'/'.join(f'{x:.2f}' for x in load_start)}, at end "
         f"{'/'.join(f'{x:.2f}' for x in load_end)} (other jobs share this machine)",
         "",
-        f"| | params | GMACs | hfactory | timm | ratio hfactory/timm |",
+        "| | params | GMACs | hfactory | timm | ratio hfactory/timm |",
         "|---|---|---|---|---|---|",
         f"| counted | {ours['total']['params']:,} vs {ref_params:,} | {ours['total']['gmacs']:.4f} vs "
         f"{ref_macs / 1e9:.4f} | | | |",
@@ -110,10 +99,7 @@ def main() -> int:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        path = ROOT / "benchmarks" / "RESULTS.md"
-        with open(path, "a", encoding="utf-8") as f:
-            f.write("\n" + text)
-        print(f"appended to {path}", file=sys.stderr)
+        print(f"appended to {append_results(text)}", file=sys.stderr)
     return 0
 
 

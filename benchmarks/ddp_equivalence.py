@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, append_results
 
 
 def main() -> int:
@@ -98,10 +98,7 @@ def main() -> int:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        path = ROOT / "benchmarks" / "RESULTS.md"
-        with open(path, "a", encoding="utf-8") as f:
-            f.write("\n" + text)
-        print(f"appended to {path}", file=sys.stderr)
+        print(f"appended to {append_results(text)}", file=sys.stderr)
     return 0
 
 

@@ -25,9 +25,8 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, interleaved_train_infer
 EXAMPLE = ROOT / "examples" / "caformer_s18_downsamplers.yaml"
 CONV_INIT = {"kind": "conv", "patch_size": 3, "stride": 2, "padding": 1, "pre_norm": True,
              "norm": {"kind": "layernorm", "eps": 1e-6, "bias": False}}
@@ -103,26 +102,7 @@ def timed(cases: list[str], batch: int, rounds: int, threads: int) -> dict:
         spec, build_encoder = build(case)
         models[case] = build_encoder(spec)
     x, y = torch.randn(batch, 3, 224, 224), torch.randint(0, 1000, (batch,))
-    for m in models.values():  # warm-up
-        train_step(m, x, y)
-        with torch.inference_mode():
-            m.eval()(x)
-        m.train()
-    times = {c: {"train": [], "infer": []} for c in cases}
-    for r in range(rounds):
-        order = cases[r % len(cases):] + cases[: r % len(cases)]
-        for c in order:
-            t = time.perf_counter()
-            train_step(models[c], x, y)
-            times[c]["train"].append(time.perf_counter() - t)
-        with torch.inference_mode():
-            for c in order:
-                models[c].eval()
-                t = time.perf_counter()
-                models[c](x)
-                times[c]["infer"].append(time.perf_counter() - t)
-                models[c].train()
-    return times
+    return interleaved_train_infer(models, x, y, rounds, train_step)
 
 
 def main(argv=None) -> int:

@@ -26,24 +26,8 @@ import statistics
 import sys
 import time
 import warnings
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _cpu() -> str:
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:
-        n = os.cpu_count()
-    return f"{n} CPUs"
-
-
-def _load() -> str:
-    try:
-        return "/".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
+from common import ROOT, cpus, load_average
 
 
 def main() -> int:
@@ -76,7 +60,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.cpu_time else time.perf_counter
     torch.manual_seed(0)
-    load_start = _load()
+    load_start = load_average()
     ours = MaskedAutoencoder(resolve_spec_arg(args.spec)).train()
     models, opts = {"ours": ours}, {"ours": torch.optim.AdamW(ours.parameters(), lr=1e-9)}
     with_ref = args.spec == "mae_hiera_tiny_224"
@@ -138,10 +122,10 @@ def main() -> int:
         ]
     if not args.no_encoder:
         rows.append(("hfactory encoder alone (sparse fwd + bwd), mask 0.6 / mask 0.02", paired(enc[0.6], enc[0.02])))
-    load_end = _load()
+    load_end = load_average()
     lines = [
         f"- Date: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- Machine: {_cpu()}, no GPU; torch {torch.__version__}, Python {platform.python_version()}; "
+        f"- Machine: {cpus()} CPUs, no GPU; torch {torch.__version__}, Python {platform.python_version()}; "
         f"{args.threads} threads, {'CPU time of the calling thread' if args.cpu_time else 'wall-clock'}; "
         f"spec {args.spec}, batch {args.batch}, {hw[0]}x{hw[1]}, {units} mask units, fp32, "
         f"{args.rounds} rounds after {args.warmup} warm-up",

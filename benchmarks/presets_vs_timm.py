@@ -42,33 +42,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+from common import RESULTS, cpu_model, load_average, mem_gb
 SECTION = "## Presets vs timm (CPU)"
 NATIVE = {"hiera_small_abswin_256": 256}
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _mem_gb() -> str:
-    try:
-        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
-        kb = lambda k: int(info[k].split()[0])  # noqa: E731
-        return f"{kb('MemTotal') / 1e6:.1f} GB RAM ({kb('MemAvailable') / 1e6:.1f} GB available at start)"
-    except (OSError, KeyError, ValueError):
-        return "RAM unknown"
-
-
-def _load() -> str:
-    return "/".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def bench_preset(name: str, batch: int, rounds: int, train_rounds: int, warmup: int) -> dict:
@@ -247,17 +223,17 @@ def main() -> int:
     if args.write and (args.rounds < 5 or 0 < args.train_rounds < 5):
         parser.error("--write needs --rounds >= 5 and --train-rounds >= 5 (or 0)")
 
-    load_start = _load()
+    load_start = load_average()
     started = _dt.datetime.now(_dt.timezone.utc)
     t0 = time.perf_counter()
     results = []
     for name in names:
-        print(f"{name}: timing (load {_load()})", file=sys.stderr, flush=True)
+        print(f"{name}: timing (load {load_average()})", file=sys.stderr, flush=True)
         r = bench_preset(name, args.batch, args.rounds, args.train_rounds, args.warmup)
         results.append(r)
         print("\n".join(table([r])[-1:]), f" logits rel diff {r['logits_rel_diff']:.1e}", flush=True)
     elapsed = time.perf_counter() - t0
-    load_end = _load()
+    load_end = load_average()
 
     print()
     print("\n".join(table(results)))
@@ -282,7 +258,7 @@ def main() -> int:
             f"Reproduce (from the repository root): `{cmd}`",
             "",
             f"- Date: {started:%Y-%m-%d %H:%M} UTC; the run took {elapsed / 60:.1f} min",
-            f"- Machine: {os.cpu_count()} CPUs ({_cpu_model()}), {_mem_gb()}, no GPU",
+            f"- Machine: {os.cpu_count()} CPUs ({cpu_model()}), {mem_gb()}, no GPU",
             f"- torch {torch.__version__}, timm {timm.__version__}, Python {platform.python_version()}",
             f"- Load average (1/5/15 min) at start {load_start}, at end {load_end} (other jobs share "
             f"this machine)",

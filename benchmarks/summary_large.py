@@ -22,10 +22,10 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import append_results
+
 LARGE = """\
 name: large_attention
 img_size: 224
@@ -117,10 +117,7 @@ def main() -> int:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        path = ROOT / "benchmarks" / "RESULTS.md"
-        with open(path, "a", encoding="utf-8") as f:
-            f.write("\n" + text)
-        print(f"appended to {path}", file=sys.stderr)
+        print(f"appended to {append_results(text)}", file=sys.stderr)
     return 0
 
 

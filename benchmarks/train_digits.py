@@ -26,19 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, cpu_model
 SPEC = "examples/digits_hybrid.yaml"
 TARGET = 0.98
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _hfactory_command() -> list[str]:
@@ -95,7 +85,7 @@ per-epoch evaluation and checkpoints, final save); training = the loop's own ela
 Reproduce (from the repository root): `.venv/bin/python benchmarks/train_digits.py`
 
 - Date: {started:%Y-%m-%d %H:%M} UTC
-- Machine: {os.cpu_count()} CPUs ({_cpu_model()}), {device}; torch threads = CPUs available to the process
+- Machine: {os.cpu_count()} CPUs ({cpu_model()}), {device}; torch threads = CPUs available to the process
 - torch {torch.__version__}, Python {platform.python_version()}
 - Load average (1/5/15 min) at start {load[0]}, at end {load[1]} (other jobs may share this machine)
 

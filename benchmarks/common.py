@@ -1,0 +1,93 @@
+"""Shared by the scripts in ``benchmarks/``: machine facts for the reports, interleaved timing
+rounds, and appending a report to ``benchmarks/RESULTS.md``.
+
+The scripts run as ``.venv/bin/python benchmarks/<name>.py``, so this folder is on ``sys.path``
+and they import it as ``common``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpus() -> int:
+    """CPUs this process may run on (its affinity; ``os.cpu_count()`` where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def mem_gb() -> str:
+    """``"24.7 GB RAM (21.3 GB available at start)"`` from ``/proc/meminfo``."""
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        kb = lambda k: int(info[k].split()[0])  # noqa: E731
+        return f"{kb('MemTotal') / 1e6:.1f} GB RAM ({kb('MemAvailable') / 1e6:.1f} GB available at start)"
+    except (OSError, KeyError, ValueError):
+        return "RAM unknown"
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load average as ``"1.38/1.31/2.11"`` (other jobs on a shared machine)."""
+    try:
+        return "/".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def interleaved_train_infer(models: dict, x, y, rounds: int, train_step) -> dict:
+    """One warm-up call of each model (training step and inference), then ``rounds`` rounds in
+    which every model runs one training step and then one inference call; the order of the
+    models rotates by one every round so that none always runs first. Wall seconds per call:
+    ``{case: {"train": [...], "infer": [...]}}``."""
+    import torch
+
+    cases = list(models)
+    for m in models.values():  # warm-up
+        train_step(m, x, y)
+        with torch.inference_mode():
+            m.eval()(x)
+        m.train()
+    times = {c: {"train": [], "infer": []} for c in cases}
+    for r in range(rounds):
+        order = cases[r % len(cases):] + cases[: r % len(cases)]
+        for c in order:
+            t = time.perf_counter()
+            train_step(models[c], x, y)
+            times[c]["train"].append(time.perf_counter() - t)
+        with torch.inference_mode():
+            for c in order:
+                models[c].eval()
+                t = time.perf_counter()
+                models[c](x)
+                times[c]["infer"].append(time.perf_counter() - t)
+                models[c].train()
+    return times
+
+
+def append_results(text: str) -> Path:
+    """Append ``text`` (after a blank line) to ``benchmarks/RESULTS.md``, atomically."""
+    from hfactory.atomic import atomic_path
+
+    old = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
+    with atomic_path(RESULTS) as tmp:
+        tmp.write_text(old + "\n" + text, encoding="utf-8")
+    return RESULTS
