@@ -40,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import cpu_model
+from common import cpu_model, write_results
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
@@ -365,7 +365,7 @@ def section(data: dict) -> str:
     return "\n".join(body)
 
 
-def write_results(text: str) -> None:
+def write_section(text: str) -> None:
     old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     # our section runs from its heading to the next level-2 heading (or the end of the file)
     pattern = re.compile(rf"^{re.escape(SECTION)}[ \t]*\n.*?(?=^## |\Z)", re.S | re.M)
@@ -373,7 +373,7 @@ def write_results(text: str) -> None:
         new = pattern.sub(lambda _m: text + "\n", old, count=1)
     else:
         new = old.rstrip("\n") + "\n\n" + text
-    RESULTS.write_text(new.rstrip("\n") + "\n")
+    write_results(new.rstrip("\n") + "\n")
 
 
 def main(argv=None) -> int:
@@ -396,7 +396,7 @@ def main(argv=None) -> int:
     print(text)
     print(f"(total {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     if a.write:
-        write_results(text)
+        write_section(text)
         print(f"wrote {RESULTS}", file=sys.stderr)
     failed = any("error" in r for row in data["rows"] for r in row["mem"].values())
     return 1 if failed else 0

@@ -1,5 +1,5 @@
 """Shared by the scripts in ``benchmarks/``: machine facts for the reports, interleaved timing
-rounds, and appending a report to ``benchmarks/RESULTS.md``.
+rounds, and writing reports into ``benchmarks/RESULTS.md`` atomically.
 
 The scripts run as ``.venv/bin/python benchmarks/<name>.py``, so this folder is on ``sys.path``
 and they import it as ``common``.
@@ -83,11 +83,16 @@ def interleaved_train_infer(models: dict, x, y, rounds: int, train_step) -> dict
     return times
 
 
-def append_results(text: str) -> Path:
-    """Append ``text`` (after a blank line) to ``benchmarks/RESULTS.md``, atomically."""
+def write_results(text: str) -> Path:
+    """Replace ``benchmarks/RESULTS.md`` with ``text``, atomically (never half-written)."""
     from hfactory.atomic import atomic_path
 
-    old = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
     with atomic_path(RESULTS) as tmp:
-        tmp.write_text(old + "\n" + text, encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
     return RESULTS
+
+
+def append_results(text: str) -> Path:
+    """Append ``text`` (after a blank line) to ``benchmarks/RESULTS.md``, atomically."""
+    old = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
+    return write_results(old + "\n" + text)

@@ -42,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, cpu_model, load_average, mem_gb
+from common import RESULTS, cpu_model, load_average, mem_gb, write_results
 SECTION = "## Presets vs timm (CPU)"
 NATIVE = {"hiera_small_abswin_256": 256}
 
@@ -188,7 +188,7 @@ def write_section(heading: str, text: str, notes: str | None) -> None:
         new = old[:found.start()] + body + ("\n" + old[found.end():] if old[found.end():].strip() else "")
     else:
         new = old.rstrip("\n") + "\n\n" + body
-    RESULTS.write_text(new.rstrip("\n") + "\n")
+    write_results(new.rstrip("\n") + "\n")
 
 
 def main() -> int:

@@ -330,7 +330,13 @@ class HierarchicalEncoder(nn.Module):
             old, new = self.stages[-1], Stage(self.plan.stages[-1])
             kept = new.state_dict()
             new.load_state_dict({k: v for k, v in old.state_dict().items() if k in kept}, strict=True)
-            self.stages[-1] = new.to(next(old.parameters()).device)
+            ref = next(old.parameters())
+            new = new.to(device=ref.device, dtype=ref.dtype).train(old.training)  # the state the stage had
+            new.grad_checkpointing = old.grad_checkpointing
+            frozen = {n for n, q in old.named_parameters() if not q.requires_grad}
+            for n, q in new.named_parameters():
+                q.requires_grad_(n not in frozen)
+            self.stages[-1] = new
         return take
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:

@@ -300,7 +300,7 @@ def load_sft_spec(source: Union[str, os.PathLike, dict, SFTSpec]) -> SFTSpec:
     """
     if isinstance(source, SFTSpec):
         return source
-    return SFTSpec.model_validate(read_spec_document(source))
+    return SFTSpec.model_validate(read_spec_document(source, required="'embedding' and 'levels'"))
 
 
 def build_sft(source: Union[str, os.PathLike, dict, SFTSpec], **overrides) -> SFTEncoder:

@@ -83,7 +83,7 @@ def expand_grid(spec: EncoderSpec, grid: Mapping[str, list]) -> list[tuple[str, 
         paths = {k: v for k, v in zip(keys, combo) if k not in RULE_KEYS}
         name = "-".join([base] + [f"{_key_slug(k)}{_slug(v)}" for k, v in zip(keys, combo)])
         if name in taken:  # values that spell alike (e.g. "a b" and "a_b"): keep every variant's file
-            name = f"{name}-{len(out)}"
+            name = next(f"{name}-{k}" for k in itertools.count(2) if f"{name}-{k}" not in taken)
         taken.add(name)
         variant = scale(spec, rule) if rule else spec
         variant = variant.with_changes(paths) if paths else variant

@@ -126,3 +126,22 @@ def test_star_relu_fast_paths_equal_the_formula():
     with pytest.raises(RuntimeError):  # first order only: a second derivative is refused, not wrong
         g, = torch.autograd.grad(ours(xa).sum(), xa, create_graph=True)
         g.sum().backward()
+
+
+def test_star_relu_promotes_like_the_formula_in_bf16():
+    # bf16 activations with fp32 parameters (autocast): fp32 out on both paths, as type promotion
+    # gives for scale * relu(x)^2 + bias, and gradients of the input's dtype.
+    from hfactory.layers.feedforward import StarReLU
+
+    act = StarReLU(0.8944, -0.4472)
+    x = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16).requires_grad_()
+    y = act(x)
+    want = act.scale * torch.relu(x.detach().float()) ** 2 + act.bias
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, want, rtol=1e-2, atol=1e-2)
+    y.sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and act.scale.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad.float(), (2 * act.scale * torch.relu(x.detach().float())).detach(),
+                               rtol=1e-2, atol=1e-2)
+    with torch.no_grad():
+        assert act(x).dtype == torch.float32

@@ -6,6 +6,7 @@ sweeps against a transcription of the thesis's activation bookkeeping (query mod
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -212,3 +213,14 @@ def test_short_digits_training_beats_chance():
     finally:
         torch.set_num_threads(threads)
     assert acc > 0.5  # chance is 0.1; about 0.75 with this seed
+
+
+def test_sft_spec_files_load_by_path_whatever_their_extension(tmp_path):
+    from hfactory.sft import load_sft_spec
+
+    src = Path(__file__).resolve().parents[1] / "examples" / "sft" / "digits.yaml"
+    plain = tmp_path / "sft_spec"
+    plain.write_text(src.read_text(encoding="utf-8"), encoding="utf-8")
+    assert load_sft_spec(str(plain)) == load_sft_spec(str(src)) == load_sft_spec(src)
+    with pytest.raises(ValueError, match="at least 'embedding' and 'levels'"):
+        load_sft_spec("[1, 2]")

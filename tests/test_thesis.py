@@ -403,13 +403,17 @@ def test_pruning_before_an_att0_stage_drops_its_clusters_and_reloads(tmp_path):
     # Regression: pruning used to keep stage 2's clusters (made for stage 3's att0) while the
     # re-planned spec had none, so the saved model did not reload.
     torch.manual_seed(0)
-    model = build_encoder(tiny(last={"kind": "att0", "assignment": "soft", "last_assignment": "soft"})).eval()
+    spec = tiny(last={"kind": "att0", "assignment": "soft", "last_assignment": "soft"})
+    model = build_encoder(spec.model_copy(update={"drop_path_rate": 0.3})).eval()
+    model.stages[2].blocks[0].norm1.weight.requires_grad_(False)  # state the rebuilt stage must keep
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         before = model.forward_intermediates(x, intermediates_only=True)[:3]
     assert model.stages[2].carry is not None
     model.prune_intermediate_layers([0, 1, 2])
     assert model.stages[2].carry is None and "stages.2.carry.clusters" not in model.state_dict()
+    assert not model.stages[2].training  # eval mode kept (drop-path stays off)
+    assert not model.stages[2].blocks[0].norm1.weight.requires_grad
     with torch.no_grad():
         after = model.forward_intermediates(x, intermediates_only=True)
     for a, b in zip(before, after):  # tokens never attended to the clusters: the same maps

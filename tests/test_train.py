@@ -288,3 +288,16 @@ def test_set_changes_the_trained_spec_and_its_lineage_reaches_the_run(tiny_spec,
     assert main(["train", str(tiny_spec), "--out", str(out), "--resume", *FAST]) == 2
     assert "spec" in capsys.readouterr().err
     assert main(["train", str(tiny_spec), "--out", str(out), *sets, "--resume", *FAST]) == 0
+
+
+def test_bf16_autocast_training_runs(tiny_spec, tmp_path):
+    # The tiny spec's sepconv uses StarReLU, whose hand-written backward sees bf16 activations
+    # and fp32 parameters under autocast (a regression: it once raised a dtype error there).
+    out = tmp_path / "amp"
+    assert main(["train", str(tiny_spec), "--out", str(out), "--amp", "--epochs", "1", "--stop-at-step", "3",
+                 *FAST]) == 0
+    from safetensors.torch import load_file
+
+    weights = load_file(str(out / "checkpoint" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert weights["stages.0.blocks.0.token_mixer.act1.scale"].dtype == torch.float32

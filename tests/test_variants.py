@@ -230,5 +230,10 @@ def test_sweep_variant_names_are_distinct_file_names():
     swin = hfactory.load_preset("swin_tiny_patch4_window7_224")
     names = [n for n, _ in expand_grid(swin, {"stages.0.token_mixer.window_size": [[7, 7], [8, 8]]})]
     assert names == [f"swin_tiny_patch4_window7_224-s0.token_mixer.window_size{w}" for w in ("7_7", "8_8")]
-    twice = [n for n, _ in expand_grid(swin, {"stages.0.depth": [1, 1]})]  # same spelling: still two files
-    assert len(set(twice)) == 2
+    twice = [n for n, _ in expand_grid(swin, {"stages.0.depth": [1, 1, 1]})]  # same spelling: still three files
+    assert len(set(twice)) == 3
+
+
+def test_a_pooling_downsampler_without_pooling_stages_is_refused():
+    with pytest.raises(OverrideError, match="pooling: is the downsampler of the stages that pooling_stages makes"):
+        scale(hfactory.load_preset("hvt_s_0"), {"pooling": {"kind": "max_pool_1d", "kernel_size": 2}})

@@ -28,21 +28,25 @@ class _StarReLUFunction(torch.autograd.Function):
     def forward(ctx, x, scale, bias):
         r = torch.relu(x)
         ctx.save_for_backward(r, scale)
+        ctx.x_dtype, ctx.bias_shape = x.dtype, bias.shape
+        # Output dtype as the composite's type promotion gives it: fp32 for a bf16 x (autocast)
+        # with fp32 parameters.
         return torch.addcmul(bias, scale, r * r)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         r, scale = ctx.saved_tensors
-        t = grad * r
-        grad_scale = torch.dot(t.reshape(-1), r.reshape(-1)).reshape(scale.shape) if ctx.needs_input_grad[1] else None
-        grad_bias = grad.sum().reshape(scale.shape) if ctx.needs_input_grad[2] else None
-        grad_x = t.mul_(2 * scale) if ctx.needs_input_grad[0] else None
+        t = grad * r  # promoted to grad's dtype (fp32 under autocast, where r is bf16)
+        grad_scale = (torch.dot(t.reshape(-1), r.reshape(-1).to(t.dtype)).reshape(scale.shape).to(scale.dtype)
+                      if ctx.needs_input_grad[1] else None)
+        grad_bias = grad.sum().reshape(ctx.bias_shape) if ctx.needs_input_grad[2] else None
+        grad_x = t.mul_(2 * scale).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         return grad_x, grad_scale, grad_bias
 
 
 class StarReLU(nn.Module):
-    """``scale * relu(x)^2 + bias`` with learnable scalars, any shape to the same shape
+    """``scale * relu(x)^2 + bias`` with learnable scalars, any shape (at least 1-D) to the same shape
     (MetaFormer baselines, arXiv 2210.13452; timm ``StarReLU`` parameter names ``scale`` and
     ``bias``). Same values as timm's up to rounding (~1e-7 relative), computed in fewer passes
     over memory: in place without autograd, with a two-pass backward otherwise (speed: benchmarks/RESULTS.md).
@@ -56,7 +60,9 @@ class StarReLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad or self.bias.requires_grad):
             return _StarReLUFunction.apply(x, self.scale, self.bias)
-        r = torch.relu(x)  # a new tensor, so the in-place steps below never touch the input
+        # relu gives a new tensor, so the in-place steps never touch the input; it is made the
+        # promoted dtype first (a bf16 x with fp32 parameters gives fp32, as the formula would).
+        r = torch.relu(x).to(torch.result_type(x, self.scale))
         return r.mul_(r).mul_(self.scale).add_(self.bias)
 
 

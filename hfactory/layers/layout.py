@@ -76,12 +76,13 @@ class TokenLinear(nn.Linear):
     1x1 conv to that same GEMM, for forward and backward. Measured per projection (1 thread,
     CPU time, forward + backward): 1.6-1.9x faster on Swin-T's stage shapes (25088x64->256 to
     392x768->3072, batch 8); whole presets in ``benchmarks/RESULTS.md`` ("Presets vs timm").
-    2-D inputs (heads), other devices and dtypes, and empty inputs use ``F.linear``.
+    2-D inputs (heads), other devices and dtypes, inputs of at most 20,480 elements and inputs of
+    the wrong width (so the error is ``nn.Linear``'s) use ``F.linear``.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.dim() >= 3 and x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and x.numel() > 0
-                and torch.backends.mkldnn.enabled):
+        if (x.dim() >= 3 and x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and x.numel() > _ONEDNN_MIN
+                and x.shape[-1] == self.in_features and torch.backends.mkldnn.enabled):
             y = F.conv2d(x.reshape(1, 1, -1, self.in_features).permute(0, 3, 1, 2),
                          self.weight[:, :, None, None], self.bias, dilation=2)
             return y.permute(0, 2, 3, 1).reshape(*x.shape[:-1], self.out_features)
@@ -90,3 +91,7 @@ class TokenLinear(nn.Linear):
 
 #: dtypes for which :class:`TokenLinear` uses oneDNN (empty when PyTorch was built without it).
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16) if torch.backends.mkldnn.is_available() else ()
+#: Below this many input elements PyTorch's dispatcher does not send the conv to oneDNN
+#: (``use_mkldnn`` in ``Convolution.cpp``) but to the slow dilated-conv fallback, 3-4x slower
+#: than ``F.linear`` (e.g. one 7x7 map of width 384), so small inputs take ``F.linear``.
+_ONEDNN_MIN = 20480

@@ -104,8 +104,8 @@ def load_yaml(text: str) -> Any:
 def load_spec(source: SpecSource) -> EncoderSpec:
     """Load and validate a spec from a path, YAML text, a dict or an :class:`EncoderSpec`.
 
-    A ``str`` is a path when it is one line ending in ``.yaml``, ``.yml`` or ``.json``,
-    otherwise YAML text (a preset name is resolved by :func:`hfactory.create_model`, not here).
+    A ``str`` is a path when it is one line ending in ``.yaml``, ``.yml`` or ``.json`` or naming
+    an existing file, otherwise YAML text (a preset name is resolved by :func:`hfactory.create_model`, not here).
 
     Raises:
         pydantic.ValidationError: a field is wrong; each error has its location in the spec.
@@ -118,19 +118,20 @@ def load_spec(source: SpecSource) -> EncoderSpec:
     return EncoderSpec.model_validate(read_spec_document(source))
 
 
-def read_spec_document(source) -> dict:
+def read_spec_document(source, required: str = "'stages'") -> dict:
     """The mapping a spec is validated from: a ``dict`` as it is; a path (``os.PathLike``, or a
-    one-line ``str`` ending in ``.yaml``/``.yml``/``.json``) read as UTF-8 after a size check;
-    any other ``str`` parsed as YAML text (:func:`load_yaml`). Shared by every spec kind
-    (encoder specs, SFT specs), so all get the same safety checks.
+    one-line ``str`` ending in ``.yaml``/``.yml``/``.json`` or naming an existing file) read as
+    UTF-8 after a size check; any other ``str`` parsed as YAML text (:func:`load_yaml`). Shared by
+    every spec kind (encoder specs, SFT specs: ``required`` names their required keys in the
+    error), so all get the same safety checks.
 
     Raises:
         FileNotFoundError: a path that does not exist.
         ValueError: a file over :data:`MAX_SPEC_BYTES` or not UTF-8, unsafe or malformed YAML, or a
             document that is not a mapping.
     """
-    if isinstance(source, os.PathLike) or (isinstance(source, str) and "\n" not in source
-                                            and source.endswith((".yaml", ".yml", ".json"))):
+    if isinstance(source, os.PathLike) or (isinstance(source, str) and "\n" not in source and (
+            source.endswith((".yaml", ".yml", ".json")) or os.path.isfile(source))):
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"spec file not found: {path}")
@@ -143,7 +144,7 @@ def read_spec_document(source) -> dict:
     if isinstance(source, str):
         source = load_yaml(source)
     if not isinstance(source, dict):
-        raise ValueError(f"a spec must be a mapping with at least 'stages', got {type(source).__name__}")
+        raise ValueError(f"a spec must be a mapping with at least {required}, got {type(source).__name__}")
     return source
 
 

@@ -261,6 +261,9 @@ def scale(spec: EncoderSpec, rule: Union[ScalingRule, Mapping[str, Any]], name: 
             stage.pop("dim_head", None)
     if rule.pooling_stages is not None:
         data["stages"] = _pooled_stages(data["stages"], rule.pooling_stages, rule.pooling)
+    elif rule.pooling is not None:
+        raise OverrideError("pooling", "is the downsampler of the stages that pooling_stages makes; set "
+                            "pooling_stages too (or change stages.*.downsample with with_changes)")
     if name is not None:
         data["name"] = name
     lineage = dict(data.get("lineage") or {})

@@ -10,6 +10,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shlex
 import sys
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -137,8 +138,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 1
     except KeyboardInterrupt:
         if main_process:
-            print(f"\nhfactory train: interrupted; continue with: hfactory train {spec_argument_text(args)} --out {out} "
-                  "--resume",
+            print(f"\nhfactory train: interrupted; continue with: hfactory train {spec_argument_text(args)} "
+                  f"--out {shlex.quote(str(out))} --resume",
                   file=sys.stderr)
         return 130
     if not main_process:

@@ -14,6 +14,7 @@ Any other ``--data`` value is a directory in torchvision ``ImageFolder`` layout:
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,7 +110,7 @@ def _transforms(img_size: tuple[int, int], in_chans: int, train: bool):
     else:  # timm's eval crop (crop_pct 0.875): resize, then center-crop
         h, w = img_size
         # square: the short side to size/0.875, keeping the aspect ratio; otherwise both sides
-        resize = int(round(h / 0.875)) if h == w else (int(round(h / 0.875)), int(round(w / 0.875)))
+        resize = math.floor(h / 0.875) if h == w else (math.floor(h / 0.875), math.floor(w / 0.875))
         geometry = [T.Resize(resize, antialias=True), T.CenterCrop(img_size)]
     post = [_RepeatChannels(in_chans)] if in_chans not in (1, 3) else []
     return T.Compose(colour + geometry + [T.ToTensor()] + post + [T.Normalize(mean, std)])

@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -172,7 +173,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":
             print(f"\nhfactory pretrain: interrupted; continue with: hfactory pretrain {spec_argument_text(args)} "
-                  f"--out {out} --resume", file=sys.stderr)
+                  f"--out {shlex.quote(str(out))} --resume", file=sys.stderr)
         return 130
     if os.environ.get("RANK", "0") != "0":
         return 0
