@@ -46,10 +46,11 @@ class _StarReLUFunction(torch.autograd.Function):
 
 
 class StarReLU(nn.Module):
-    """``scale * relu(x)^2 + bias`` with learnable scalars, any shape (at least 1-D) to the same shape
-    (MetaFormer baselines, arXiv 2210.13452; timm ``StarReLU`` parameter names ``scale`` and
-    ``bias``). Same values as timm's up to rounding (~1e-7 relative), computed in fewer passes
-    over memory: in place without autograd, with a two-pass backward otherwise (speed: benchmarks/RESULTS.md).
+    """``scale * relu(x)^2 + bias`` with learnable scalars, any shape (at least 1-D) to the same
+    shape (MetaFormer baselines, arXiv 2210.13452; timm ``StarReLU`` parameter names ``scale``
+    and ``bias``). Same values as timm's up to rounding (~1e-7 relative), computed in fewer
+    passes over memory: in place without autograd, with a two-pass backward otherwise (speed:
+    benchmarks/RESULTS.md). A bf16 input with fp32 parameters gives fp32, as the formula does.
     """
 
     def __init__(self, scale_value: float = 1.0, bias_value: float = 0.0):
