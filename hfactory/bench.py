@@ -1,6 +1,7 @@
 """``hfactory bench``: paired, interleaved timing of an hfactory model against a reference.
 
-Method (the machine may be shared and noisy, so only ratios measured in one process and interleaved in time are comparable):
+Method (the machine may be shared and noisy, so only ratios measured in one process and
+interleaved in time are comparable):
 
 1. Build both models in one process with real (random) weights, fp32, on one device; one input
    batch ``(batch, C, H, W)`` from a fixed seed, labels for ``--train``.

@@ -121,9 +121,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def cmd_schema(args: argparse.Namespace) -> int:
     """Print or write the spec's JSON Schema."""
-    from .spec.schema import spec_json_schema_text
-
     from .atomic import atomic_path
+    from .spec.schema import spec_json_schema_text
 
     text = spec_json_schema_text()
     if args.out:

@@ -589,7 +589,8 @@ def mae_verdict(plan: Plan) -> Optional[str]:
                                          ("pos_embed", s.pos_embed, f"{loc}.pos_embed", "")]
         for j, b in enumerate(s.blocks):
             block = f"(block {j}) " if s.depth > 1 else ""  # in the message: the location stays a spec path
-            checks += [("norm", b.norm1, f"{loc}.norm", ""), ("token_mixer", b.token_mixer, f"{loc}.token_mixer", block)]
+            checks += [("norm", b.norm1, f"{loc}.norm", ""),
+                       ("token_mixer", b.token_mixer, f"{loc}.token_mixer", block)]
         checks += [("feedforward", s.feedforward, f"{loc}.feedforward", ""), ("norm", s.norm, f"{loc}.norm", "")]
         for slot, entry, where, block in checks:
             if entry.get("per_unit"):

@@ -40,11 +40,11 @@ class ConvDownsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_norm:
             x = self.norm(x)
-        # Speed (benchmarks/RESULTS.md, presets vs timm): feed the conv a channels-last tensor so that oneDNN returns a
-        # channels-last one and the permute back is a contiguous (B, H, W, C) grid. The stem's
-        # input is the NCHW image (one small 3-channel copy here); without it the stem's output
-        # stays NCHW in memory and, with no norm to repack it (PoolFormer, Hiera), every later
-        # op of the stage runs on strided tensors and each Linear copies its input first.
+        # Speed (benchmarks/RESULTS.md, presets vs timm): feed the conv a channels-last tensor so
+        # that oneDNN returns a channels-last one and the permute back is a contiguous (B, H, W, C)
+        # grid. The stem's input is the NCHW image (one small 3-channel copy here); without it the
+        # stem's output stays NCHW in memory and, with no norm to repack it (PoolFormer, Hiera),
+        # every later op of the stage runs on strided tensors and each Linear copies its input first.
         # PoolFormer-S12, 1 thread, CPU time: inference 1.25-1.28x, train step 1.13-1.17x
         # faster; the other presets unchanged within noise. Same convolution, same values.
         x = self.conv(x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)

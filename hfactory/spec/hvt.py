@@ -14,10 +14,11 @@ How a spec expresses "pool after block i's MLP": the pooling is the next stage's
 up to and including the next pooling one), then the rest (``hfactory/presets/hvt_*.yaml``). The
 arithmetic is identical: the pooled output of block ``i`` is the input of block ``i + 1``.
 
-Token layout (the contract in :mod:`hfactory.layers.layout`): pooling the flattened grid leaves no 2-D structure (196 -> 97 tokens),
-so ``max_pool_1d`` produces the ``seq`` layout ``(B, N, C)``; the plan records a seq stage's grid
-as ``(N, 1)`` and refuses grid-only components (conv downsamplers, conv/pooling mixers, window
-attention, 2-D position embeddings) after it. Modules in :mod:`hfactory.layers.hvt`.
+Token layout (the contract in :mod:`hfactory.layers.layout`): pooling the flattened grid leaves
+no 2-D structure (196 -> 97 tokens), so ``max_pool_1d`` produces the ``seq`` layout
+``(B, N, C)``; the plan records a seq stage's grid as ``(N, 1)`` and refuses grid-only components
+(conv downsamplers, conv/pooling mixers, window attention, 2-D position embeddings) after it.
+Modules in :mod:`hfactory.layers.hvt`.
 """
 
 from __future__ import annotations
