@@ -63,7 +63,7 @@ class StarReLU(nn.Module):
             return _StarReLUFunction.apply(x, self.scale, self.bias)
         # relu gives a new tensor, so the in-place steps never touch the input; it is made the
         # promoted dtype first (a bf16 x with fp32 parameters gives fp32, as the formula would).
-        r = torch.relu(x).to(torch.result_type(x, self.scale))
+        r = torch.relu(x).to(torch.promote_types(x.dtype, self.scale.dtype))
         return r.mul_(r).mul_(self.scale).add_(self.bias)
 
 
