@@ -479,3 +479,26 @@ def test_pretrain_takes_set_and_the_checkpoint_records_the_lineage(tiny_mae_spec
     capsys.readouterr()
     assert main(["pretrain", str(tiny_mae_spec), "--out", str(out), "--resume", "--no-progress"]) == 2
     assert "spec" in capsys.readouterr().err
+
+
+def test_pretrain_reads_an_image_folder_with_a_progress_bar(tiny_mae_spec, tmp_path, capsys):
+    # The same data machinery as `hfactory train`: ImageFolder train/ and val/ (labels ignored).
+    from PIL import Image
+
+    from hfactory.cli import main
+
+    gen = torch.Generator().manual_seed(0)
+    for split, n in (("train", 6), ("val", 2)):
+        for label in ("a", "b"):
+            folder = tmp_path / "data" / split / label
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = torch.randint(0, 255, (20, 20, 3), generator=gen).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    out = tmp_path / "out"
+    assert main(["pretrain", str(tiny_mae_spec), "--data", str(tmp_path / "data"), "--out", str(out),
+                 "--epochs", "1", "--batch-size", "4", "--workers", "0", "--threads", "1"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_images"] == 12 and metrics["steps"] == 3 and metrics["data"] == str(tmp_path / "data")
+    assert (out / "encoder" / "model.safetensors").is_file()
+    assert "img" in capsys.readouterr().err  # tqdm's bar counts images (stderr)
