@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import os
 import platform
 import sys
 
-from common import ROOT, append_results, cpu_model, cpus
+from common import ROOT, append_results, cpu_model, cpus, load_average
 
 
 def main() -> int:
@@ -52,13 +51,13 @@ def main() -> int:
     ref_macs = count_macs(ref, torch.empty(1, spec.in_chans, h, w, device="meta"))["total"]
     ref_params = sum(p.numel() for p in ref.parameters())
 
-    load_start = os.getloadavg()
+    load_start = load_average()
     started = _dt.datetime.now(_dt.timezone.utc)
     runs = [("inference", bench(spec, vs=f"timm:{args.vs}", batch=args.batch, rounds=args.rounds, warmup=args.warmup))]
     if not args.no_train:
         runs.append(("train step", bench(spec, vs=f"timm:{args.vs}", batch=args.batch, rounds=args.rounds,
                                          warmup=args.warmup, train=True)))
-    load_end = os.getloadavg()
+    load_end = load_average()
 
     ref_key = f"timm:{args.vs}"
     lines = [
@@ -79,8 +78,8 @@ def main() -> int:
         f"- Date: {started:%Y-%m-%d %H:%M} UTC",
         f"- Machine: {cpus()} CPUs ({cpu_model()}), no GPU; `torch.set_num_threads({args.threads})`",
         f"- torch {torch.__version__}, timm {timm.__version__}, Python {platform.python_version()}",
-        f"- Load average (1/5/15 min) at start {'/'.join(f'{x:.2f}' for x in load_start)}, at end "
-        f"{'/'.join(f'{x:.2f}' for x in load_end)} (other jobs share this machine)",
+        f"- Load average (1/5/15 min) at start {load_start}, at end "
+        f"{load_end} (other jobs share this machine)",
         "",
         "| | params | GMACs | hfactory | timm | ratio hfactory/timm |",
         "|---|---|---|---|---|---|",

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, append_results
+from common import ROOT, append_results, load_average
 
 
 def main() -> int:
@@ -51,7 +51,7 @@ def main() -> int:
                                "-m", "hfactory", *common, "--fsdp", "--out", str(work / "fsdp")],
     }
     dirs = {"1 process": "single", "2 processes, DDP": "ddp", "2 processes, FSDP2": "fsdp"}
-    load_start = os.getloadavg()
+    load_start = load_average()
     started = _dt.datetime.now(_dt.timezone.utc)
     wall = {}
     for name, command in runs.items():
@@ -60,7 +60,7 @@ def main() -> int:
         wall[name] = time.perf_counter() - tick
         if result.returncode != 0:
             raise SystemExit(f"{name} failed:\n{result.stderr[-3000:]}")
-    load_end = os.getloadavg()
+    load_end = load_average()
 
     ref = load_file(str(work / "single" / "model" / "model.safetensors"))
     scale = max(v.abs().max().item() for v in ref.values())
@@ -87,8 +87,8 @@ def main() -> int:
         f"- Date: {started:%Y-%m-%d %H:%M} UTC",
         f"- Machine: {len(os.sched_getaffinity(0))} CPUs, no GPU; torch {torch.__version__}, Python "
         f"{platform.python_version()}",
-        f"- Load average (1/5/15 min) at start {'/'.join(f'{x:.2f}' for x in load_start)}, at end "
-        f"{'/'.join(f'{x:.2f}' for x in load_end)} (other jobs share this machine)",
+        f"- Load average (1/5/15 min) at start {load_start}, at end "
+        f"{load_end} (other jobs share this machine)",
         "",
         "| run | max weight difference | test accuracy | test loss | steps | wall-clock |",
         "|---|---|---|---|---|---|",

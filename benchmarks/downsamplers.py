@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 
-from common import ROOT, interleaved_train_infer
+from common import ROOT, interleaved_train_infer, load_average
 EXAMPLE = ROOT / "examples" / "caformer_s18_downsamplers.yaml"
 CONV_INIT = {"kind": "conv", "patch_size": 3, "stride": 2, "padding": 1, "pre_norm": True,
              "norm": {"kind": "layernorm", "eps": 1e-6, "bias": False}}
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
         print(json.dumps(static(args.case, args.batch, args.threads)))
         return 0
     cases = [c for c in CASES if args.only is None or any(c.startswith(o) for o in args.only.split(","))]
-    load0 = os.getloadavg()
+    load0 = load_average()
     info = {}
     for case in cases:
         out = subprocess.run([sys.executable, __file__, "--case", case, "--batch", str(args.batch), "--threads",
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
         info[case] = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"# {case}: measured", file=sys.stderr)
     times = timed(cases, args.batch, args.rounds, args.threads)
-    load1 = os.getloadavg()
+    load1 = load_average()
     import torch
 
     base = "conv (base)" if "conv (base)" in cases else None
@@ -133,8 +133,8 @@ def main(argv=None) -> int:
           f"({platform.processor() or platform.machine()}), no GPU; torch {torch.__version__}, "
           f"`torch.set_num_threads({args.threads})`; batch {args.batch} at 224x224, fp32; {args.rounds} interleaved "
           "rounds after one warm-up call of each model")
-    print(f"- Load average (1/5/15 min) at start {'/'.join(f'{v:.2f}' for v in load0)}, at end "
-          f"{'/'.join(f'{v:.2f}' for v in load1)} (other jobs share this machine)")
+    print(f"- Load average (1/5/15 min) at start {load0}, at end "
+          f"{load1} (other jobs share this machine)")
     print()
     print("| downsampler | params | GMACs/img | train step, median (min-max) | / base | inference, median "
           "(min-max) | / base | peak RSS growth, 1st train step |")

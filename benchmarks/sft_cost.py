@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 
-from common import ROOT, interleaved_train_infer
+from common import ROOT, interleaved_train_infer, load_average
 WIDTHS = [64, 128, 256, 512, 512]
 GROUPS = [7, 8, 8, 8]
 
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
         print(json.dumps(static(lv, p, args.batch, args.threads)))
         return 0
     cases = [(int(lv), int(p)) for lv in args.levels.split(",") for p in args.passes.split(",")]
-    load0 = os.getloadavg()
+    load0 = load_average()
     info = {}
     for lv, p in cases:
         out = subprocess.run([sys.executable, __file__, "--case", f"{lv},{p}", "--batch", str(args.batch),
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
         info[(lv, p)] = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"# L={lv} P={p}: measured", file=sys.stderr)
     times = timed(cases, args.batch, args.rounds, args.threads)
-    load1 = os.getloadavg()
+    load1 = load_average()
     import torch
 
     first = cases[0]
@@ -114,8 +114,8 @@ def main(argv=None) -> int:
           f"({platform.processor() or platform.machine()}), no GPU; torch {torch.__version__}, "
           f"`torch.set_num_threads({args.threads})`; batch {args.batch} at 224x224, fp32; {args.rounds} interleaved "
           "rounds after one warm-up call of each model")
-    print(f"- Load average (1/5/15 min) at start {'/'.join(f'{v:.2f}' for v in load0)}, at end "
-          f"{'/'.join(f'{v:.2f}' for v in load1)} (other jobs share this machine)")
+    print(f"- Load average (1/5/15 min) at start {load0}, at end "
+          f"{load1} (other jobs share this machine)")
     print()
     print(f"| levels (grids) | passes | params | GMACs/img | train step, median (min-max) | / L={first[0]} P={first[1]} "
           "| inference, median | / L={} P={} | peak RSS growth, 1st train step |".format(*first))

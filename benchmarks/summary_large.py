@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import append_results
+from common import append_results, load_average
 
 LARGE = """\
 name: large_attention
@@ -63,12 +63,12 @@ def main() -> int:
 
     spec = Path(tempfile.mkdtemp(prefix="hfactory-large-")) / "large_attention.yaml"
     spec.write_text(LARGE, encoding="utf-8")
-    load_start = os.getloadavg()
+    load_start = load_average()
     started = _dt.datetime.now(_dt.timezone.utc)
     base = [measure([sys.executable, "-c", "import torch, hfactory.encoder"]) for _ in range(args.repeats)]
     runs = [measure([sys.executable, "-m", "hfactory", "summary", str(spec), "--batch", str(args.batch), "--json"])
             for _ in range(args.repeats)]
-    load_end = os.getloadavg()
+    load_end = load_average()
     for r in runs:
         if r["rc"] != 0:
             raise SystemExit(f"summary failed: {r['stderr']}")
@@ -99,8 +99,8 @@ def main() -> int:
         f"- Date: {started:%Y-%m-%d %H:%M} UTC",
         f"- Machine: {len(os.sched_getaffinity(0))} CPUs, no GPU; torch {torch.__version__}, Python "
         f"{platform.python_version()}",
-        f"- Load average (1/5/15 min) at start {'/'.join(f'{x:.2f}' for x in load_start)}, at end "
-        f"{'/'.join(f'{x:.2f}' for x in load_end)} (other jobs share this machine)",
+        f"- Load average (1/5/15 min) at start {load_start}, at end "
+        f"{load_end} (other jobs share this machine)",
         "",
         "| params | fp32 weights | GMACs | act. memory (batch "
         f"{args.batch}) | summary wall-clock | of which build + count | peak RSS | baseline (import only) |",

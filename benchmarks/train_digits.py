@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, cpu_model
+from common import ROOT, cpu_model, load_average
 SPEC = "examples/digits_hybrid.yaml"
 TARGET = 0.98
 
@@ -47,13 +47,13 @@ def main() -> int:
     workdir = None if args.out else Path(tempfile.mkdtemp(prefix="hfactory-digits-"))
     out = Path(args.out) if args.out else workdir / "digits"
     command = _hfactory_command() + ["train", SPEC, "--out", str(out)]
-    load_start = os.getloadavg()
+    load_start = load_average()
     started = _dt.datetime.now(_dt.timezone.utc)
     tick = time.perf_counter()
     # The progress bar (stderr) is on, as for a user; it is discarded here.
     proc = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - tick
-    load_end = os.getloadavg()
+    load_end = load_average()
     if proc.returncode != 0:
         print(proc.stdout + proc.stderr[-4000:], file=sys.stderr)
         print(f"command failed with exit code {proc.returncode}: {' '.join(command)}", file=sys.stderr)
@@ -70,7 +70,7 @@ def main() -> int:
     device = (f"trained on {torch.cuda.get_device_name(0)}" if torch.cuda.is_available()  # the CLI's default device
               else "no GPU")
     correct = round(final["test_accuracy"] * final["test_images"])
-    load = ["/".join(f"{x:.2f}" for x in avg) for avg in (load_start, load_end)]
+    load = [load_start, load_end]
     row = [f"{wall:.1f} s", f"{final['elapsed_s']:.1f} s",
            f"{final['test_accuracy']:.2%} ({correct}/{final['test_images']})", f"{final['test_loss']:.4f}",
            reached, f"{rates[len(rates) // 2]:.0f}"]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -401,16 +401,7 @@ class HierarchicalEncoder(nn.Module):
     def save_pretrained(self, directory: Union[str, os.PathLike]) -> Path:
         """Write ``spec.yaml`` and ``model.safetensors`` into ``directory`` (created if needed),
         each atomically (written to a temporary file, then renamed). Returns the directory."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        with atomic_path(directory / WEIGHTS_NAME) as tmp:
-            save_file(state, str(tmp), metadata={"spec_hash": spec_hash(self.spec), "format": "pt"})
-        with atomic_path(directory / SPEC_NAME) as tmp:
-            tmp.write_text(dump_spec(self.spec), encoding="utf-8")
-        return directory
+        return save_model_dir(self, directory)
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -454,22 +445,50 @@ def from_pretrained(directory: Union[str, os.PathLike], map_location: str = "cpu
             saves), or they do not fit the spec; the message names the missing, unexpected and
             shape-mismatched keys.
     """
+    return load_model_dir(directory, build_encoder, map_location, "a save_pretrained() directory")
+
+
+def save_model_dir(model: nn.Module, directory: Union[str, os.PathLike]) -> Path:
+    """``model.spec`` as ``spec.yaml`` and its weights as ``model.safetensors`` (with the spec's
+    hash as metadata) in ``directory``, each written atomically; shared by every model class with a
+    ``spec``. Returns the directory."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(directory / WEIGHTS_NAME) as tmp:
+        save_file(state, str(tmp), metadata={"spec_hash": spec_hash(model.spec), "format": "pt"})
+    with atomic_path(directory / SPEC_NAME) as tmp:
+        tmp.write_text(dump_spec(model.spec), encoding="utf-8")
+    return directory
+
+
+def load_model_dir(directory: Union[str, os.PathLike], build: Callable[[Path], nn.Module], map_location: str,
+                   expected: str) -> nn.Module:
+    """The model ``build(directory / "spec.yaml")`` with the weights of ``model.safetensors``,
+    after checking that they were saved for that spec (the ``spec_hash`` metadata, when present).
+
+    Raises:
+        FileNotFoundError: a file is missing (``expected`` says what the directory should be).
+        ValueError: the weights were saved for another spec, or they do not fit it (keys named).
+    """
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     directory = Path(directory)
     for name in (SPEC_NAME, WEIGHTS_NAME):
         if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory / name} not found; expected a save_pretrained() directory")
-    model = build_encoder(directory / SPEC_NAME)
+            raise FileNotFoundError(f"{directory / name} not found; expected {expected}")
+    model = build(directory / SPEC_NAME)
     with safe_open(str(directory / WEIGHTS_NAME), "pt") as f:
         saved = (f.metadata() or {}).get("spec_hash")
     if saved is not None and saved != spec_hash(model.spec):
         raise ValueError(f"{directory / WEIGHTS_NAME} was saved for spec hash {saved}, but {directory / SPEC_NAME} "
                          f"hashes to {spec_hash(model.spec)}: the spec was changed after saving; restore it, or "
                          "build the new spec and load the weights with load_checked to convert deliberately")
-    state = load_file(str(directory / WEIGHTS_NAME), device=map_location)
-    load_checked(model, state, source=str(directory / WEIGHTS_NAME))
+    load_checked(model, load_file(str(directory / WEIGHTS_NAME), device=map_location),
+                 source=str(directory / WEIGHTS_NAME))
     return model
 
 

@@ -36,14 +36,13 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .atomic import atomic_path
-from .encoder import SPEC_NAME, WEIGHTS_NAME, HierarchicalEncoder, load_checked, spec_hash
+from .encoder import HierarchicalEncoder, load_model_dir, save_model_dir
 from .layers.block import Block
 from .layers.layout import units_to_grid
 from .layers.posembed import resize_pos_embed
 from .plan import resolve
 from .spec.components import AttentionParams, LayerNormParams, MlpParams, StageContext
-from .spec.io import SpecSource, dump_spec, load_spec
+from .spec.io import SpecSource, load_spec
 from .spec.mae import MAEGeometry, MAESpec, check_mask_ratio, mae_geometry
 from .spec.model import EncoderSpec
 
@@ -267,30 +266,17 @@ class MaskedAutoencoder(nn.Module):
     def save_pretrained(self, directory: Union[str, os.PathLike]) -> Path:
         """``spec.yaml`` (with its ``mae`` section) and ``model.safetensors`` (all MAE weights) in
         ``directory``, each written atomically. Returns the directory."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        with atomic_path(directory / WEIGHTS_NAME) as tmp:
-            save_file(state, str(tmp), metadata={"spec_hash": spec_hash(self.spec), "format": "pt"})
-        with atomic_path(directory / SPEC_NAME) as tmp:
-            tmp.write_text(dump_spec(self.spec), encoding="utf-8")
-        return directory
+        return save_model_dir(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, os.PathLike], map_location: str = "cpu") -> "MaskedAutoencoder":
-        """Rebuild from :meth:`save_pretrained`'s directory (or a pretraining checkpoint)."""
-        from safetensors.torch import load_file
+        """Rebuild from :meth:`save_pretrained`'s directory (or a pretraining checkpoint).
 
-        directory = Path(directory)
-        for name in (SPEC_NAME, WEIGHTS_NAME):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory / name} not found; expected a MaskedAutoencoder directory")
-        model = cls(directory / SPEC_NAME)
-        load_checked(model, load_file(str(directory / WEIGHTS_NAME), device=map_location),
-                     source=str(directory / WEIGHTS_NAME))
-        return model
+        Raises:
+            FileNotFoundError / ValueError: as :func:`hfactory.from_pretrained` (missing files,
+                weights saved for another spec, or keys that do not fit).
+        """
+        return load_model_dir(directory, cls, map_location, "a MaskedAutoencoder directory")
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The encoder's weights (keys as a :class:`HierarchicalEncoder`'s), for fine-tuning."""

@@ -1,4 +1,5 @@
-"""Shared helpers for exactness tests against reference implementations (timm, hiera)."""
+"""Shared helpers of the tests: exactness against reference implementations (timm, hiera), and
+small specs used by several test modules."""
 
 import torch
 
@@ -25,3 +26,23 @@ def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4, wh
     assert scale > 1e-3, f"{what}: reference output is ~0 ({scale}); randomize weights first"
     assert diff <= rel * scale, f"{what}: max|diff| {diff:.3g} > {rel} * max|ref| {scale:.3g}"
     return diff / scale
+
+
+#: A two-stage MAE-compatible spec on 16x16 grey images (4x4 mask units of 2x2 tokens), small
+#: enough to pretrain for a few steps in a test (test_mae, test_distributed).
+TINY_MAE = """\
+name: tiny_mae
+img_size: 16
+in_chans: 1
+num_classes: 10
+mask_unit_size: 2
+defaults:
+  dim_head: 8
+  feedforward: {kind: mlp, hidden_layer_multiplier: 2}
+  downsample: {kind: q_pool}
+stages:
+  - {embedding: 16, depth: 1, token_mixer: mask_unit_attention, pos_embed: learned,
+     downsample: {kind: conv, patch_size: 2, stride: 2}}
+  - {embedding: 32, depth: 1, token_mixer: attention}
+mae: {decoder_embedding: 16, decoder_depth: 1, decoder_num_heads: 2, mask_ratio: 0.5}
+"""

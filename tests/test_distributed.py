@@ -31,6 +31,7 @@ import torch.distributed as dist  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from hfactory.cli import main  # noqa: E402
+from reference_utils import TINY_MAE  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -128,29 +129,12 @@ def test_refused_out_dir_is_reported_once_and_untouched(runs):
     assert {p: p.stat().st_mtime_ns for p in (runs / "single").rglob("*")} == before
 
 
-TINY_MAE = """\
-name: tiny_mae_ddp
-img_size: 16
-in_chans: 1
-num_classes: 10
-mask_unit_size: 2
-drop_path_rate: 0.0
-defaults:
-  dim_head: 8
-  feedforward: {kind: mlp, hidden_layer_multiplier: 2}
-  downsample: {kind: q_pool}
-stages:
-  - {embedding: 16, depth: 1, token_mixer: mask_unit_attention, pos_embed: learned,
-     downsample: {kind: conv, patch_size: 2, stride: 2}}
-  - {embedding: 32, depth: 1, token_mixer: attention}
-mae: {decoder_embedding: 16, decoder_depth: 1, decoder_num_heads: 2, mask_ratio: 0.5}
-"""
 
 
 def test_two_processes_pretrain_like_one(runs):
     # Every process draws the global batch's masks, so two processes see the same masked units
     # as one; the reconstruction loss is a mean over masked patches, averaged across shares.
-    (runs / "tiny_mae.yaml").write_text(TINY_MAE, encoding="utf-8")
+    (runs / "tiny_mae.yaml").write_text(TINY_MAE, encoding="utf-8")  # no drop path: its masks differ per process
     args = ["--epochs", "1", "--batch-size", "359", "--lr", "3e-3", "--no-progress", "--threads", "1"]
     threads = torch.get_num_threads()
     try:

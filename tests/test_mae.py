@@ -21,13 +21,13 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from hfactory import PlanError, build_encoder, load_preset, load_spec, resolve
+from hfactory import PlanError, build_encoder, dump_spec, load_preset, load_spec, resolve
 from hfactory.convert import from_hiera_mae_state_dict
 from hfactory.layers.layout import units_to_grid
 from hfactory.mae import MaskedAutoencoder, mae_spec_of, patchify, random_mask
 from hfactory.spec.mae import MAESpec
 
-from reference_utils import assert_rel_close, randomize_
+from reference_utils import TINY_MAE, assert_rel_close, randomize_
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -45,23 +45,6 @@ UNIT_LOCAL = {
          "downsample": {"kind": "conv", "patch_size": 2, "stride": 2}},
     ],
 }
-
-TINY_MAE = """\
-name: tiny_mae
-img_size: 16
-in_chans: 1
-num_classes: 10
-mask_unit_size: 2
-defaults:
-  dim_head: 8
-  feedforward: {kind: mlp, hidden_layer_multiplier: 2}
-  downsample: {kind: q_pool}
-stages:
-  - {embedding: 16, depth: 1, token_mixer: mask_unit_attention, pos_embed: learned,
-     downsample: {kind: conv, patch_size: 2, stride: 2}}
-  - {embedding: 32, depth: 1, token_mixer: attention}
-mae: {decoder_embedding: 16, decoder_depth: 1, decoder_num_heads: 2, mask_ratio: 0.5}
-"""
 
 
 def spec_with(base: dict, **changes) -> dict:
@@ -337,6 +320,11 @@ def test_save_and_reload_and_backward_reaches_every_parameter(tmp_path):
     keep = random_mask(2, 16, 0.5)
     x = images(2, (16, 16), chans=1)
     torch.testing.assert_close(again.eval()(x, mask=keep)[0], model.eval()(x, mask=keep)[0])
+    # the weights are checked against the spec they were saved with (same shapes, another loss)
+    edited = model.spec.with_changes({"mae.norm_pix_loss": False})
+    (tmp_path / "mae" / "spec.yaml").write_text(dump_spec(edited), encoding="utf-8")
+    with pytest.raises(ValueError, match="was saved for spec hash"):
+        MaskedAutoencoder.from_pretrained(tmp_path / "mae")
 
 
 def test_the_non_hiera_example_pretrains_sparsely():

@@ -57,17 +57,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--init-from", metavar="RUN_DIR", help="start from pretrained encoder weights (an hfactory "
                    "pretrain run directory, or a save_pretrained directory); the classifier keeps its init")
-    for flag, name, type_, help_ in _TRAIN_OPTIONS:
-        default = getattr(defaults, name)
-        p.add_argument(flag, dest=name, type=type_, default=None,
-                       help=help_ if default is None or "default:" in help_ else f"{help_} (default: {default})")
-    p.add_argument("--amp", dest="amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bfloat16 autocast (default: off)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=True,
-                   help="no progress bar (epoch lines are still printed)")
-    p.add_argument("--fsdp", dest="fsdp", action="store_true", default=None,
-                   help="under torchrun: shard parameters, gradients and optimizer states with FSDP2 "
-                   "(fully_shard per stage) instead of replicating them with DDP")
+    add_run_options(p, _TRAIN_OPTIONS, defaults)
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("eval", help="test accuracy of a trained model (prints one JSON line)")
@@ -86,6 +76,23 @@ def add_commands(subparsers) -> None:
     add_pretrain_command(subparsers)
 
 
+def add_run_options(p: argparse.ArgumentParser, options: list, defaults) -> None:
+    """The run-config flags shared by ``train`` and ``pretrain``: ``options`` rows (flag, config
+    field, type, help) with default None, so that a ``--resume`` can tell which flags were given,
+    then ``--amp``, ``--no-progress`` and ``--fsdp``."""
+    for flag, name, type_, help_ in options:
+        default = getattr(defaults, name)
+        p.add_argument(flag, dest=name, type=type_, default=None,
+                       help=help_ if default is None or "default:" in help_ else f"{help_} (default: {default})")
+    p.add_argument("--amp", dest="amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bfloat16 autocast (default: off)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=True,
+                   help="no progress bar (epoch lines are still printed)")
+    p.add_argument("--fsdp", dest="fsdp", action="store_true", default=None,
+                   help="under torchrun: shard parameters, gradients and optimizer states with FSDP2 "
+                   "(fully_shard per stage) instead of replicating them with DDP")
+
+
 def _missing_extra(data: str, progress: bool) -> str | None:
     """Name the first train-extra package a command needs but cannot import, else None."""
     needed = ["sklearn" if data == "digits" else "torchvision"] + (["tqdm"] if progress else [])
@@ -95,14 +102,16 @@ def _missing_extra(data: str, progress: bool) -> str | None:
     return None
 
 
-def config_from_args(args: argparse.Namespace, out: Path):
-    """The TrainConfig of a ``train`` invocation: defaults, then (on ``--resume``) the run's recorded
-    config, then the flags given. Warns on stderr when a resume changes the trajectory."""
+def config_from_args(args: argparse.Namespace, out: Path, config_cls=None):
+    """The config of a ``train`` (``TrainConfig``, the default) or ``pretrain`` (``config_cls``)
+    invocation: defaults, then (on ``--resume``) the run's recorded config, then the flags given.
+    Warns on stderr when a resume changes the trajectory."""
     from . import RUNTIME_FIELDS, TrainConfig
     from .checkpoint import read_run
 
-    names = [f.name for f in fields(TrainConfig)]
-    values = asdict(TrainConfig())
+    config_cls = config_cls or TrainConfig
+    names = [f.name for f in fields(config_cls)]
+    values = asdict(config_cls())
     recorded = (read_run(out) or {}).get("config", {}) if args.resume and out.is_dir() else {}
     values.update({k: v for k, v in recorded.items() if k in names and k not in RUNTIME_FIELDS})
     given = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
@@ -111,7 +120,7 @@ def config_from_args(args: argparse.Namespace, out: Path):
         print("warning: resuming with changed " + ", ".join(f"{k} ({recorded[k]} -> {given[k]})" for k in changed)
               + "; the result will differ from an uninterrupted run", file=sys.stderr)
     values.update(given)
-    return TrainConfig(**values)
+    return config_cls(**values)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -257,10 +257,7 @@ def _train(spec: EncoderSpec, out: Path, config: TrainConfig, resume: bool, ctx:
         log(f"initialised {loaded['loaded']} tensors from {loaded['source']}")
     wrapped = D.wrap_model(model, ctx, device, config.fsdp)  # FSDP shards `model` itself
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
-    steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
-    total_steps = config.epochs * steps_per_epoch
-    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup_steps, total_steps))
+    scheduler, schedule = _schedule(optimizer, config, len(data.train))
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing,
                                     reduction="sum" if ctx.enabled else "mean")
     aug_gen = torch.Generator().manual_seed(config.seed + 1)
@@ -269,22 +266,8 @@ def _train(spec: EncoderSpec, out: Path, config: TrainConfig, resume: bool, ctx:
         torch.manual_seed(config.seed + 1_000_003 * ctx.rank)
 
     # Progress of the run: where the loop starts, and the running sums of a partly done epoch.
-    epoch, step, step_in_epoch, elapsed = 0, 0, 0, 0.0
-    partial = {"loss_sum": 0.0, "images": 0, "train_s": 0.0}
-    if state is not None:
-        D.load_optimizer_state(model, optimizer, state["optimizer"], config.fsdp)
-        scheduler.load_state_dict(state["scheduler"])
-        # (a new WarmupCosine: load_state_dict has overwritten the old one's numbers with the run's)
-        _apply_config(optimizer, scheduler, WarmupCosine(warmup_steps, total_steps), config)
-        _restore_rng(state, ctx, config.seed)
-        aug_gen.set_state(state["aug_rng"])
-        epoch, step, step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
-        elapsed, partial = state["elapsed_s"], state["partial"]
-        log(f"resuming {out} at epoch {epoch + 1}, step {step}")
-    elif resuming:
-        log(f"{out} has no checkpoint yet; starting the run from the beginning")
-    if config.stop_at_step is not None and config.stop_at_step <= step:
-        raise ValueError(f"--stop-at-step {config.stop_at_step}: the run is already at step {step}")
+    epoch, step, step_in_epoch, elapsed, partial = _restore(state, resuming, out, model, optimizer, scheduler,
+                                                            schedule, config, ctx, aug_gen, "aug_rng")
 
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -295,19 +278,10 @@ def _train(spec: EncoderSpec, out: Path, config: TrainConfig, resume: bool, ctx:
         log(f"{ctx.world_size} processes ({'FSDP2' if config.fsdp else 'DDP'}, "
             f"{torch.distributed.get_backend()}), global batch {config.batch_size}")
 
-    def save() -> None:  # a checkpoint; a collective (every process calls it), rank 0 writes
-        weights = D.full_state_dict(model, ctx, config.fsdp)
-        optim_state = D.full_optimizer_state(model, optimizer, ctx, config.fsdp)
-        rng_states = ctx.gather_objects(torch.get_rng_state())
-        if ctx.is_main:  # plain tensors and values only
-            snapshot = {"spec_hash": hash_, "epoch": epoch, "step": step, "step_in_epoch": step_in_epoch,
-                        "elapsed_s": elapsed, "partial": partial, "optimizer": optim_state,
-                        "scheduler": scheduler.state_dict(), "torch_rng": rng_states[0],
-                        "aug_rng": aug_gen.get_state()}
-            if ctx.enabled:
-                snapshot["torch_rng_ranks"] = rng_states
-            ckpt.save_checkpoint(out, model, snapshot, weights=weights)
-        ctx.barrier()
+    def save() -> None:  # a collective: every process calls it
+        _save(out, model, optimizer, scheduler, config, ctx, hash_, aug_gen, "aug_rng",
+              {"epoch": epoch, "step": step, "step_in_epoch": step_in_epoch, "elapsed_s": elapsed,
+               "partial": partial})
 
     last = None
     run_start = time.perf_counter() - elapsed
@@ -397,6 +371,58 @@ def _apply_config(optimizer, scheduler, schedule: WarmupCosine, config: TrainCon
         group["weight_decay"] = config.weight_decay if decays else 0.0
         group["lr"] = config.lr * schedule(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
+
+
+def _schedule(optimizer, config, n_train: int):
+    """Per-step warmup + cosine over the whole run: ``(LambdaLR scheduler, its WarmupCosine)``."""
+    steps_per_epoch = math.ceil(n_train / config.batch_size)
+    schedule = WarmupCosine(round(config.warmup_epochs * steps_per_epoch), config.epochs * steps_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), schedule
+
+
+def _restore(state: Optional[dict], resuming: bool, out: Path, model: nn.Module, optimizer, scheduler,
+             schedule: WarmupCosine, config, ctx: DistContext, gen: torch.Generator, rng_key: str):
+    """Where a run starts: ``(epoch, step, step_in_epoch, elapsed_s, partial sums)``, from the
+    checkpoint ``state`` (optimizer, schedule, RNGs and the run's own generator ``gen`` restored)
+    or from the beginning. Shared by ``train`` and ``pretrain``.
+
+    Raises:
+        ValueError: ``--stop-at-step`` at or before the step the run has already reached.
+    """
+    epoch, step, step_in_epoch, elapsed = 0, 0, 0, 0.0
+    partial = {"loss_sum": 0.0, "images": 0, "train_s": 0.0}
+    if state is not None:
+        # This config's schedule, copied first: load_state_dict overwrites `schedule`'s numbers with the run's.
+        fresh = WarmupCosine(schedule.warmup, schedule.total)
+        D.load_optimizer_state(model, optimizer, state["optimizer"], config.fsdp)
+        scheduler.load_state_dict(state["scheduler"])
+        _apply_config(optimizer, scheduler, fresh, config)
+        _restore_rng(state, ctx, config.seed)
+        gen.set_state(state[rng_key])
+        epoch, step, step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
+        elapsed, partial = state["elapsed_s"], state["partial"]
+        D.log_main(ctx, f"resuming {out} at epoch {epoch + 1}, step {step}")
+    elif resuming:
+        D.log_main(ctx, f"{out} has no checkpoint yet; starting the run from the beginning")
+    if config.stop_at_step is not None and config.stop_at_step <= step:
+        raise ValueError(f"--stop-at-step {config.stop_at_step}: the run is already at step {step}")
+    return epoch, step, step_in_epoch, elapsed, partial
+
+
+def _save(out: Path, model: nn.Module, optimizer, scheduler, config, ctx: DistContext, hash_: str,
+          gen: torch.Generator, rng_key: str, progress: dict) -> None:
+    """Write a checkpoint (weights, optimizer, schedule, RNGs, the run's generator under
+    ``rng_key``, and ``progress``); a collective: every process calls it, rank 0 writes."""
+    weights = D.full_state_dict(model, ctx, config.fsdp)
+    optim_state = D.full_optimizer_state(model, optimizer, ctx, config.fsdp)
+    rng_states = ctx.gather_objects(torch.get_rng_state())
+    if ctx.is_main:  # plain tensors and values only
+        snapshot = {"spec_hash": hash_, **progress, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+                    "torch_rng": rng_states[0], rng_key: gen.get_state()}
+        if ctx.enabled:
+            snapshot["torch_rng_ranks"] = rng_states
+        ckpt.save_checkpoint(out, model, snapshot, weights=weights)
+    ctx.barrier()
 
 
 def _optimizer_step(loss: torch.Tensor, n_global: int, model: nn.Module, optimizer, scheduler, config, ctx: DistContext,

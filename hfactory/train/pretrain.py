@@ -27,7 +27,7 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -81,8 +81,6 @@ class PretrainConfig:
             ("stop_at_step", self.stop_at_step is None or self.stop_at_step >= 1, ">= 1")])
 
 
-RUNTIME_FIELDS = frozenset({"eval_batch_size", "workers", "threads", "device", "progress", "stop_at_step", "fsdp"})
-
 _OPTIONS = [
     ("--epochs", "epochs", int, "pretraining epochs"),
     ("--batch-size", "batch_size", int, "images per optimizer step, global (shared by torchrun processes)"),
@@ -106,6 +104,7 @@ _OPTIONS = [
 def add_pretrain_command(subparsers) -> None:
     """Add ``pretrain`` to the ``hfactory`` argparse subparsers."""
     from ..cli import add_spec_argument
+    from .cli import add_run_options
 
     defaults = PretrainConfig()
     p = subparsers.add_parser(
@@ -122,44 +121,18 @@ def add_pretrain_command(subparsers) -> None:
                    f"ignored; default: {defaults.data})")
     p.add_argument("--out", help="run directory (default: runs/<spec name>_mae)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    for flag, name, type_, help_ in _OPTIONS:
-        default = getattr(defaults, name)
-        p.add_argument(flag, dest=name, type=type_, default=None,
-                       help=help_ if default is None or "default:" in help_ else f"{help_} (default: {default})")
-    p.add_argument("--amp", dest="amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bfloat16 autocast (default: off)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=True,
-                   help="no progress bar (epoch lines are still printed)")
-    p.add_argument("--fsdp", dest="fsdp", action="store_true", default=None,
-                   help="under torchrun: shard with FSDP2 instead of replicating with DDP")
+    add_run_options(p, _OPTIONS, defaults)
     p.set_defaults(func=cmd_pretrain)
-
-
-def _config_from_args(args: argparse.Namespace, out: Path) -> PretrainConfig:
-    """Defaults, then (on --resume) the run's recorded config, then the flags given."""
-    from .checkpoint import read_run
-
-    names = [f.name for f in fields(PretrainConfig)]
-    values = asdict(PretrainConfig())
-    recorded = (read_run(out) or {}).get("config", {}) if args.resume and out.is_dir() else {}
-    values.update({k: v for k, v in recorded.items() if k in names and k not in RUNTIME_FIELDS})
-    given = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
-    changed = [k for k, v in given.items() if k in recorded and k not in RUNTIME_FIELDS and recorded[k] != v]
-    if changed and os.environ.get("RANK", "0") == "0":
-        print("warning: resuming with changed " + ", ".join(f"{k} ({recorded[k]} -> {given[k]})" for k in changed)
-              + "; the result will differ from an uninterrupted run", file=sys.stderr)
-    values.update(given)
-    return PretrainConfig(**values)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     """Pretrain; exit 0 when done (or stopped by --stop-at-step), 1 on a non-finite loss, 130 on Ctrl-C."""
     from ..cli import _load, spec_argument_stem, spec_argument_text
-    from .cli import _missing_extra
+    from .cli import _missing_extra, config_from_args
 
     spec = _load(args.spec)
     out = Path(args.out) if args.out else Path("runs") / f"{spec.name or spec_argument_stem(args)}_mae"
-    config = _config_from_args(args, out)
+    config = config_from_args(args, out, PretrainConfig)
     problem = _missing_extra(config.data, config.progress)
     if problem:
         raise ValueError(problem)
@@ -274,9 +247,8 @@ def _pretrain(spec, out: Path, config: PretrainConfig, ratio: float, resume: boo
     from ..encoder import spec_hash
     from ..mae import MaskedAutoencoder
     from .data import load_data
-    from .loop import (NonFiniteLossError, WarmupCosine, _apply_config, _batches, _close, _epoch_order,
-                       _nonfinite_message, _optimizer_step, _progress_bar, _restore_rng, _threads,
-                       _truncate_metrics, param_groups)
+    from .loop import (NonFiniteLossError, _batches, _close, _epoch_order, _nonfinite_message, _optimizer_step,
+                       _progress_bar, _restore, _save, _schedule, _threads, _truncate_metrics, param_groups)
 
     if config.batch_size < ctx.world_size:
         raise ValueError(f"--batch-size {config.batch_size} is the global batch; with {ctx.world_size} processes "
@@ -306,29 +278,13 @@ def _pretrain(spec, out: Path, config: PretrainConfig, ratio: float, resume: boo
     state = D.agree(ctx, lambda: ckpt.load_checkpoint(found, model, hash_)) if found is not None else None
     wrapped = D.wrap_model(model, ctx, device, config.fsdp)
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.95))
-    steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
-    total_steps = config.epochs * steps_per_epoch
-    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup_steps, total_steps))
+    scheduler, schedule = _schedule(optimizer, config, len(data.train))
     mask_gen = torch.Generator().manual_seed(config.seed + 2)
     if ctx.rank > 0:
         torch.manual_seed(config.seed + 1_000_003 * ctx.rank)
 
-    epoch, step, step_in_epoch, elapsed = 0, 0, 0, 0.0
-    partial = {"loss_sum": 0.0, "images": 0, "train_s": 0.0}
-    if state is not None:
-        D.load_optimizer_state(model, optimizer, state["optimizer"], config.fsdp)
-        scheduler.load_state_dict(state["scheduler"])
-        _apply_config(optimizer, scheduler, WarmupCosine(warmup_steps, total_steps), config)
-        _restore_rng(state, ctx, config.seed)
-        mask_gen.set_state(state["mask_rng"])
-        epoch, step, step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
-        elapsed, partial = state["elapsed_s"], state["partial"]
-        D.log_main(ctx, f"resuming {out} at epoch {epoch + 1}, step {step}")
-    elif resuming:
-        D.log_main(ctx, f"{out} has no checkpoint yet; starting the run from the beginning")
-    if config.stop_at_step is not None and config.stop_at_step <= step:
-        raise ValueError(f"--stop-at-step {config.stop_at_step}: the run is already at step {step}")
+    epoch, step, step_in_epoch, elapsed, partial = _restore(state, resuming, out, model, optimizer, scheduler,
+                                                            schedule, config, ctx, mask_gen, "mask_rng")
 
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -337,19 +293,10 @@ def _pretrain(spec, out: Path, config: PretrainConfig, ratio: float, resume: boo
                                               "mask_ratio": ratio, "config": asdict(config)})
         _truncate_metrics(out / "metrics.jsonl", epoch)
 
-    def save() -> None:
-        weights = D.full_state_dict(model, ctx, config.fsdp)
-        optim_state = D.full_optimizer_state(model, optimizer, ctx, config.fsdp)
-        rng_states = ctx.gather_objects(torch.get_rng_state())
-        if ctx.is_main:
-            snapshot = {"spec_hash": hash_, "epoch": epoch, "step": step, "step_in_epoch": step_in_epoch,
-                        "elapsed_s": elapsed, "partial": partial, "optimizer": optim_state,
-                        "scheduler": scheduler.state_dict(), "torch_rng": rng_states[0],
-                        "mask_rng": mask_gen.get_state()}
-            if ctx.enabled:
-                snapshot["torch_rng_ranks"] = rng_states
-            ckpt.save_checkpoint(out, model, snapshot, weights=weights)
-        ctx.barrier()
+    def save() -> None:  # a collective: every process calls it
+        _save(out, model, optimizer, scheduler, config, ctx, hash_, mask_gen, "mask_rng",
+              {"epoch": epoch, "step": step, "step_in_epoch": step_in_epoch, "elapsed_s": elapsed,
+               "partial": partial})
 
     def evaluate() -> dict:
         metrics = evaluate_mae(model, data.test, config.eval_batch_size, ratio, config.seed + 7, config.amp,
