@@ -22,11 +22,13 @@ every architecture hfactory builds, where timm's models disagree:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Callable, Optional, Union
 
 import torch
+from pydantic import BaseModel, TypeAdapter
 from torch import nn
 
 from .atomic import atomic_path
@@ -44,8 +46,34 @@ SPEC_NAME = "spec.yaml"
 
 
 def spec_hash(spec: EncoderSpec) -> str:
-    """SHA-256 (hex, first 16 chars) of the spec's canonical JSON."""
-    return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16]
+    """SHA-256 (hex, first 16 chars) of the spec's canonical JSON: every field that differs from
+    its default, components always with their ``kind``, keys sorted.
+
+    Fields left at their defaults do not enter the hash, so a later hfactory whose spec models gain
+    a field (with a default that keeps the old behaviour) still accepts the weights and
+    checkpoints saved before it; writing a default value out explicitly does not change the hash
+    either. Any non-default value does (architecture, lineage, name).
+    """
+    text = json.dumps(_canonical(spec), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _canonical(value):
+    """JSON-ready value of a spec part with default-valued fields left out (``kind`` kept)."""
+    if isinstance(value, BaseModel):
+        out = {}
+        for name, field in type(value).model_fields.items():
+            item = getattr(value, name)
+            if name == "kind" or field.is_required() or item != field.get_default(call_default_factory=True):
+                out[name] = _canonical(item)
+        return out
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, (str, int, float, bool, type(None))):
+        return value
+    return TypeAdapter(type(value)).dump_python(value, mode="json")  # enums and the like
 
 
 def feature_take_indices(num_features: int, indices: Optional[Union[int, list[int], tuple[int, ...]]] = None

@@ -214,6 +214,31 @@ def _traces(out: Path) -> set:
         if out.exists() else set()
 
 
+def test_spec_hash_ignores_default_fields_so_a_later_version_loads_old_checkpoints():
+    """Spelling defaults out does not change the hash, nor does a spec model that gained a field
+    with a default (a later hfactory reading a checkpoint saved before it); any real change does."""
+    from hfactory.spec.model import EncoderSpec
+
+    spec = load_preset("caformer_s18")
+    full = spec.model_dump(mode="json")  # every field, defaults included
+    assert spec_hash(load_spec(full)) == spec_hash(spec)
+
+    class LaterEncoderSpec(EncoderSpec):  # a future version's model with one more (default) field
+        future_option: int = 0
+
+    later = LaterEncoderSpec.model_validate(full)
+    assert later.future_option == 0 and spec_hash(later) == spec_hash(spec)
+    assert spec_hash(LaterEncoderSpec.model_validate({**full, "future_option": 1})) != spec_hash(spec)
+
+    base = load_spec(SMALL)
+    assert spec_hash(base.with_changes({"drop_path_rate": 0.1})) != spec_hash(base)
+    assert spec_hash(base.with_changes({"stages.0.depth": 3})) != spec_hash(base)
+    # the same default options under another kind: the kind alone must separate them
+    pooled = base.with_changes({"stages.*.token_mixer": {"kind": "pooling"}})
+    plain = base.with_changes({"stages.*.token_mixer": {"kind": "identity"}})
+    assert spec_hash(pooled) != spec_hash(plain)
+
+
 def test_a_writer_killed_mid_write_leaves_a_complete_checkpoint(tmp_path):
     """SIGKILL a real process saving ~34 MB checkpoints (save_checkpoint and save_pretrained, each
     file atomic) at random moments, 4 times: every time the directory holds one complete
