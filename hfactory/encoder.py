@@ -205,6 +205,9 @@ class HierarchicalEncoder(nn.Module):
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             what = f"dtype {mask.dtype}" if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise ValueError(f"mask must be a bool tensor (True = keep the mask unit), got {what}")
+        if mask.device != x.device:
+            raise ValueError(f"mask is on {mask.device} but the images are on {x.device}; move it with "
+                             f"mask.to({str(x.device)!r})")
         if tuple(mask.shape) != (x.shape[0], units):
             raise ValueError(f"mask must have shape (batch, mask units) = ({x.shape[0]}, {units}) for "
                              f"{x.shape[2]}x{x.shape[3]} images, got {tuple(mask.shape)}")

@@ -65,7 +65,8 @@ def random_mask(batch: int, units: int, mask_ratio: float, device=None, generato
     ``int(units * (1 - mask_ratio))`` kept per row, chosen uniformly (argsort of uniform noise).
 
     Raises:
-        ValueError: ``mask_ratio`` outside ``[0, 1)`` or keeping no unit.
+        ValueError: ``mask_ratio`` outside ``(0, 1)``, keeping no unit or masking none, or
+            fewer than 2 units (:func:`~hfactory.spec.mae.check_mask_ratio`).
     """
     keep = check_mask_ratio(mask_ratio, units)
     noise = torch.rand(batch, units, device=device, generator=generator)
@@ -75,7 +76,14 @@ def random_mask(batch: int, units: int, mask_ratio: float, device=None, generato
 
 def patchify(images: torch.Tensor, size: int) -> torch.Tensor:
     """``(B, C, H, W)`` -> ``(B, (H/size)*(W/size), C*size*size)``: patches row-major, values in
-    ``(C, py, px)`` order (the reference's ``get_pixel_label_2d`` unfold order)."""
+    ``(C, py, px)`` order (the reference's ``get_pixel_label_2d`` unfold order).
+
+    Raises:
+        ValueError: ``images`` not 4-D, or ``H`` or ``W`` not a multiple of ``size``.
+    """
+    if images.dim() != 4 or images.shape[2] % size or images.shape[3] % size:
+        raise ValueError(f"patchify needs images (B, C, H, W) with H and W multiples of {size}, got shape "
+                         f"{tuple(images.shape)}")
     b, c, h, w = images.shape
     x = images.reshape(b, c, h // size, size, w // size, size).permute(0, 2, 4, 1, 3, 5)
     return x.reshape(b, (h // size) * (w // size), c * size * size)
@@ -183,12 +191,23 @@ class MaskedAutoencoder(nn.Module):
     def forward_encoder(self, x: torch.Tensor, mask_ratio: Optional[float] = None,
                         mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Images ``(B, C, H, W)`` -> (fused, normed latent of the kept units
-        ``(B, K, uh, uw, dim)`` of the last stage's unit size, the keep-mask ``(B, U)``)."""
+        ``(B, K, uh, uw, dim)`` of the last stage's unit size, the keep-mask ``(B, U)``).
+
+        Raises:
+            ValueError: an empty batch; a bad ``mask_ratio`` (see :func:`check_mask_ratio`); a
+                ``mask`` of the wrong dtype, shape or device, with different kept counts per
+                sample, or keeping every unit of a sample.
+        """
+        if x.shape[0] == 0:
+            raise ValueError("the batch is empty (0 images); the MAE loss needs at least one image")
         if mask is None:
             mask = self.get_random_mask(x, self.mae_spec.mask_ratio if mask_ratio is None else mask_ratio)
         elif mask_ratio is not None:
             check_mask_ratio(mask_ratio, self.num_mask_units(tuple(x.shape[2:])))
-        maps = self.encoder.forward_intermediates(x, mask=mask, intermediates_only=True)
+        maps = self.encoder.forward_intermediates(x, mask=mask, intermediates_only=True)  # checks the mask
+        if not torch.compiler.is_compiling() and bool(mask.all(dim=1).any()):
+            raise ValueError(f"mask keeps all {mask.shape[1]} mask units of a sample; the MAE loss is taken over "
+                             "masked units, so every sample must mask at least one")
         latent = maps[-1]
         for head, i in zip(self.multi_scale_fusion_heads, self.fusion_stages):
             t = maps[i]
@@ -235,7 +254,7 @@ class MaskedAutoencoder(nn.Module):
 
         Args:
             x: images ``(B, in_chans, H, W)`` (any size the encoder's plan accepts).
-            mask_ratio: fraction of mask units to hide, in ``[0, 1)``; default ``mae.mask_ratio``.
+            mask_ratio: fraction of mask units to hide, in ``(0, 1)``; default ``mae.mask_ratio``.
             mask: a bool keep-mask ``(B, U)`` to use instead of a random one (same count per row).
 
         Returns:
@@ -243,8 +262,9 @@ class MaskedAutoencoder(nn.Module):
             ``M`` tokens of masked units in the batch, ``mask`` the keep-mask used.
 
         Raises:
-            ValueError: ``mask_ratio`` outside ``[0, 1)`` or keeping no unit; a ``mask`` of the wrong
-                shape / dtype or with different counts per row; images of the wrong shape.
+            ValueError: ``mask_ratio`` outside ``(0, 1)``, keeping no unit or masking none; a ``mask``
+                of the wrong shape / dtype / device, with different counts per row or keeping every
+                unit of a row; images of the wrong shape; an empty batch.
         """
         self.encoder._check_input(x)
         latent, mask = self.forward_encoder(x, mask_ratio, mask)

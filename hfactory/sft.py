@@ -40,9 +40,16 @@ __all__ = ["SFTEncoder", "Codec", "CrossBlock", "build_sft", "load_sft_spec", "g
 
 def group_tokens(x: torch.Tensor, group_size: Sequence[int]) -> torch.Tensor:
     """Cut a level ``(B, *grid, C)`` (any number of axes) into groups of ``group_size`` tokens:
-    ``(B * G, prod(group_size), C)``, groups row-major over the grid, tokens row-major inside."""
+    ``(B * G, prod(group_size), C)``, groups row-major over the grid, tokens row-major inside.
+
+    Raises:
+        ValueError: ``group_size`` has another number of axes than the grid, or does not divide it.
+    """
     b, *grid, c = x.shape
     d = len(grid)
+    if len(group_size) != d or any(s < 1 or n % s for n, s in zip(grid, group_size)):
+        raise ValueError(f"group_size {tuple(group_size)} must have one positive entry per grid axis, each "
+                         f"dividing the grid {tuple(grid)} (x has shape {tuple(x.shape)} = (B, *grid, C))")
     split = [b]
     for n, s in zip(grid, group_size):
         split += [n // s, s]

@@ -227,13 +227,28 @@ def test_mae_refuses_incompatible_specs_naming_the_component():
 def test_mask_ratio_out_of_range_and_too_high():
     model = MaskedAutoencoder(TINY_MAE)
     x = images(2, (16, 16), chans=1)
-    for bad in (-0.1, 1.0, 1.5):
-        with pytest.raises(ValueError, match=r"mask_ratio must be in \[0, 1\)"):
+    for bad in (-0.1, 0.0, 1.0, 1.5, True, float("nan"), "0.5"):
+        with pytest.raises(ValueError, match=r"mask_ratio must be a number in \(0, 1\)"):
             model(x, mask_ratio=bad)
-    with pytest.raises(ValueError, match="keeps none of the 16 mask units"):
+    with pytest.raises(ValueError, match=r"keeps none of the 16 mask units; use a ratio in \[0.0625, 0.9375\]"):
         model(x, mask_ratio=0.99)
+    with pytest.raises(ValueError, match=r"masks none \(the loss is over masked units only\) of the 16 mask units"):
+        model(x, mask_ratio=1e-17)  # 1 - 1e-17 rounds to 1.0: all 16 kept
+    with pytest.raises(ValueError, match=r"keeps all 16 mask units of a sample"):
+        model(x, mask=torch.ones(2, 16, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"batch is empty"):
+        model(x[:0])
+    import numpy as np
+
+    assert model(x, mask_ratio=np.float32(0.5))[3].sum(1).tolist() == [8, 8]  # numpy numbers are numbers
+    with pytest.raises(ValueError, match=r"at least 2 mask units per image .* gives 1"):
+        random_mask(2, 1, 0.5)
+    with pytest.raises(ValueError, match=r"patchify needs images \(B, C, H, W\) with H and W multiples of 4"):
+        patchify(torch.zeros(1, 3, 10, 10), 4)
     with pytest.raises(Exception, match="less than 1"):
         MAESpec(mask_ratio=1.0)
+    with pytest.raises(Exception, match="greater than 0"):
+        MAESpec(mask_ratio=0.0)
     with pytest.raises(Exception, match="decoder_num_heads 3 does not divide decoder_embedding 16"):
         MAESpec(decoder_embedding=16, decoder_num_heads=3)
     with pytest.raises(Exception, match="unknown key 'decoder_width'"):
@@ -403,8 +418,11 @@ def test_pretrain_refuses_bad_input(tiny_mae_spec, tmp_path, capsys):
     assert main(["pretrain", "swin_tiny_patch4_window7_224", "--out", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err
     assert "stages.0.token_mixer: " in err and "(block 1)" in err and "shifted windows" in err
-    assert main(["pretrain", str(tiny_mae_spec), "--out", str(tmp_path / "r"), "--mask-ratio", "1.0"]) == 2
-    assert "--mask-ratio 1.0 is out of range; it must be in [0, 1)" in capsys.readouterr().err
+    for bad in ("1.0", "0.0"):
+        assert main(["pretrain", str(tiny_mae_spec), "--out", str(tmp_path / "r"), "--mask-ratio", bad]) == 2
+        assert f"--mask-ratio {bad} is out of range; it must be in (0, 1)" in capsys.readouterr().err
+    assert main(["pretrain", str(tiny_mae_spec), "--out", str(tmp_path / "r"), "--mask-ratio", "0.99"]) == 2
+    assert "keeps none of the 16 mask units; use a ratio in [0.0625, 0.9375]" in capsys.readouterr().err
     assert not (tmp_path / "s").exists() and not (tmp_path / "r").exists()
     assert main(["train", str(tiny_mae_spec), "--out", str(tmp_path / "t"), "--init-from", str(tmp_path / "none"),
                  "--no-progress"]) == 2

@@ -353,6 +353,10 @@ def test_att0_plan_errors():
     with pytest.raises(PlanError, match="att0 needs 2x2 cells") as err:
         resolve(tiny(last={"kind": "att0", "clusters_init": {**CONV_INIT, "stride": 1}}))
     assert err.value.loc == "stages.3.downsample.clusters_init"
+    for kind in ("geme", "max_pool_1d", "q_pool"):  # components that cannot make a grid of clusters
+        with pytest.raises(PlanError, match=f"'{kind}' cannot make clusters") as err:
+            resolve(tiny(last={"kind": "att0", "clusters_init": {"kind": kind}}))
+        assert err.value.loc == "stages.3.downsample.clusters_init" and "use stride" not in str(err.value)
 
 
 # --------------------------------------------------------------------------- gradients, training

@@ -22,6 +22,8 @@ the first offending stage and component (:func:`hfactory.plan.mae_verdict`).
 
 from __future__ import annotations
 
+import numbers
+
 from dataclasses import dataclass
 from typing import Optional
 
@@ -51,7 +53,7 @@ class MAESpec(StrictModel):
     decoder_num_heads: int = Field(16, ge=1, le=MAX_SIZE,
                                    description="decoder attention heads; must divide decoder_embedding")
     decoder_mlp_ratio: float = Field(4.0, gt=0, description="decoder MLP hidden width / decoder_embedding")
-    mask_ratio: float = Field(0.6, ge=0, lt=1, description="fraction of mask units hidden (default of forward)")
+    mask_ratio: float = Field(0.6, gt=0, lt=1, description="fraction of mask units hidden (default of forward)")
     norm_pix_loss: bool = Field(True, description="targets are pixels normalised per patch (mean 0, var 1)")
     multi_scale_fusion: bool = Field(True, description="fuse the finer stages into the encoder output "
                                      "(hiera: multi_scale_fusion_heads)")
@@ -74,15 +76,25 @@ def check_mask_ratio(mask_ratio: float, num_units: int) -> int:
     """The number of units kept at ``mask_ratio``: ``int(num_units * (1 - mask_ratio))`` (the
     reference's ``get_random_mask``).
 
+    The MAE needs at least one kept unit (the encoder's input) and one masked unit (the loss is
+    taken over masked units only; with none it is the mean of nothing, NaN), hence at least two
+    mask units per image.
+
     Raises:
-        ValueError: ``mask_ratio`` outside ``[0, 1)`` or so high that no unit is kept.
+        ValueError: ``mask_ratio`` not a number in ``(0, 1)``; a ratio that keeps no unit or masks
+            none (the message gives the ratios that work); fewer than 2 mask units.
     """
-    if not isinstance(mask_ratio, (int, float)) or not 0 <= mask_ratio < 1:
-        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio!r}")
-    keep = int(num_units * (1 - mask_ratio))
-    if keep < 1:
-        raise ValueError(f"mask_ratio {mask_ratio} keeps none of the {num_units} mask units; use at most "
-                         f"{1 - 1 / num_units:.4f}")
+    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, numbers.Real) or not 0 < mask_ratio < 1:
+        raise ValueError(f"mask_ratio must be a number in (0, 1) (0 would mask nothing), got {mask_ratio!r}")
+    if num_units < 2:
+        raise ValueError(f"masked-autoencoder training needs at least 2 mask units per image (one kept, one "
+                         f"masked); this image size gives {num_units}: use larger images or a smaller "
+                         "mask_unit_size")
+    keep = int(num_units * (1 - float(mask_ratio)))
+    if not 1 <= keep < num_units:
+        what = "keeps none" if keep < 1 else "masks none (the loss is over masked units only)"
+        raise ValueError(f"mask_ratio {float(mask_ratio)} {what} of the {num_units} mask units; use a ratio in "
+                         f"[{1 / num_units:.4f}, {1 - 1 / num_units:.4f}]")
     return keep
 
 

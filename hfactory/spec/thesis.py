@@ -268,14 +268,16 @@ class Att0Params(DownsampleParams):
         init = None
         if self.clusters_init is not None:
             where = f"{loc}.clusters_init"
+            # what the component is decides first: a stride hint is no use for one that cannot work
+            if getattr(self.clusters_init, "emits_token_sizes", False) or self.clusters_init.fused \
+                    or getattr(self.clusters_init, "prepares_previous_stage", False) \
+                    or self.clusters_init.produces != "grid":
+                raise PlanError(where, f"{self.clusters_init.kind!r} cannot make clusters (they must be a grid of "
+                                "cells); use a grid downsampler such as conv, avg or max")
             got = tuple(self.clusters_init.out_grid(grid, where))
             if got != (h, w):
                 raise PlanError(where, f"maps the {grid[0]}x{grid[1]} grid to {got[0]}x{got[1]}, but att0 needs "
                                 f"{h}x{w} cells (2 clusters each); use stride {self.stride}")
-            if getattr(self.clusters_init, "emits_token_sizes", False) or self.clusters_init.fused \
-                    or getattr(self.clusters_init, "prepares_previous_stage", False):
-                raise PlanError(where, f"{self.clusters_init.kind!r} cannot make clusters; use a grid downsampler "
-                                "such as conv, avg or max")
             init = self.clusters_init.resolve(dim, 2 * dim, grid, where)
         blocks = []
         for b_i, block in enumerate(stage.blocks):

@@ -75,7 +75,7 @@ class PretrainConfig:
             ("lr", self.lr > 0, "> 0"), ("weight_decay", self.weight_decay >= 0, ">= 0"),
             ("warmup_epochs", self.warmup_epochs >= 0, ">= 0"),
             ("clip_grad", self.clip_grad is None or self.clip_grad > 0, "> 0 (or unset)"),
-            ("mask_ratio", self.mask_ratio is None or 0 <= self.mask_ratio < 1, "in [0, 1)"),
+            ("mask_ratio", self.mask_ratio is None or 0 < self.mask_ratio < 1, "in (0, 1)"),
             ("eval_batch_size", self.eval_batch_size >= 1, ">= 1"), ("workers", self.workers >= 0, ">= 0"),
             ("threads", self.threads is None or self.threads >= 1, ">= 1"),
             ("stop_at_step", self.stop_at_step is None or self.stop_at_step >= 1, ">= 1")])
@@ -90,7 +90,7 @@ _OPTIONS = [
     ("--warmup-epochs", "warmup_epochs", float, "linear warmup length in epochs"),
     ("--clip-grad", "clip_grad", float, "clip the gradient norm to this value (default: no clipping)"),
     ("--seed", "seed", int, "seed of initialisation, data order and masks"),
-    ("--mask-ratio", "mask_ratio", float, "fraction of mask units hidden, in [0, 1) (default: the spec's "
+    ("--mask-ratio", "mask_ratio", float, "fraction of mask units hidden, in (0, 1) (default: the spec's "
      "mae.mask_ratio, else 0.6)"),
     ("--eval-batch-size", "eval_batch_size", int, "images per evaluation batch"),
     ("--workers", "workers", int, "DataLoader worker processes for ImageFolder data"),
@@ -219,7 +219,7 @@ def pretrain(spec, out, config: Optional[PretrainConfig] = None, resume: bool = 
 
     Raises:
         PlanError: the spec is not MAE-compatible (names the first offending stage and component).
-        ValueError: bad options (e.g. ``mask_ratio`` outside ``[0, 1)``), ``out`` holds another run,
+        ValueError: bad options (e.g. ``mask_ratio`` outside ``(0, 1)``), ``out`` holds another run,
             an unusable checkpoint.
         FileNotFoundError: the data directory is missing.
         NonFiniteLossError: the loss became NaN/inf; the last good checkpoint is kept.
