@@ -29,7 +29,7 @@ class PerUnit(nn.Module):
     """Runs a grid component ``(B, H, W, C)`` inside each mask unit of the units layout
     ``(B, U, uh, uw, C)``: the units are folded into the batch, ``(B*U, uh, uw, C)``, and unfolded
     after. The plan only asks for it when the component reads nothing outside its unit (unshifted
-    windows tiling the unit, non-overlapping strided convs, patch merging; see
+    windows tiling the unit, non-overlapping strided convs and poolings, patch merging; see
     :func:`hfactory.plan.crosses_units`), so the result equals the component on the whole grid.
     The wrapped module's parameters are under ``inner.``."""
 

@@ -547,6 +547,12 @@ def crosses_units(slot: str, entry: dict, unit: Optional[tuple[int, int]] = None
                 return (f"conv {k}x{k}/s{s}/p{p} reads neighbouring tokens across mask-unit borders; a unit-local "
                         "conv has patch_size = stride and padding 0")
             return None
+        if kind in ("avg", "max", "rand_conv"):  # the thesis's kernel poolings: token-wise norm (and 1x1 conv),
+            k, s, p = entry["kernel_size"], entry["stride"], entry["padding"]  # then a k x k window op
+            if k != s or p:
+                return (f"{kind} {k}x{k}/s{s}/p{p} reads neighbouring tokens across mask-unit borders; a "
+                        "unit-local one has kernel_size = stride and padding 0")
+            return None
         if kind in ("patch_merging", "q_pool", "none"):
             return None
     elif slot == "norm":

@@ -107,6 +107,8 @@ def test_spec_without_mask_units_is_incompatible():
     ({"norm": {"kind": "groupnorm"}}, "stages.1.norm", "groupnorm"),
     ({"pos_embed": "learned"}, "stages.1.pos_embed", "position embedding after stage 0"),
     ({"downsample": {"kind": "q_pool", "q_stride": 8}}, "stages.1.downsample", "does not divide the mask unit"),
+    ({"downsample": {"kind": "max", "kernel_size": 3, "stride": 2, "padding": 1}}, "stages.1.downsample",
+     "max 3x3/s2/p1 reads neighbouring tokens across mask-unit borders"),
 ])
 def test_components_that_cross_units_fail_in_the_plan(stage1, loc, words):
     """In the units layout, a grid component runs inside each unit only if it stays there; the
@@ -118,12 +120,20 @@ def test_components_that_cross_units_fail_in_the_plan(stage1, loc, words):
     assert err.value.loc == loc and words in str(err.value), str(err.value)
 
 
-def test_unit_local_grid_components_run_inside_units_exactly():
-    """Unshifted windows tiling the unit, non-overlapping convs and patch merging run per unit
-    (plan entries marked per_unit); the outputs equal the same weights on the whole grid."""
+@pytest.mark.parametrize("downsample", [
+    None,  # the example's patch merging
+    {"kind": "avg", "kernel_size": 2, "stride": 2, "padding": 0},
+    {"kind": "max", "kernel_size": 2, "stride": 2, "padding": 0},
+    {"kind": "rand_conv", "kernel_size": 2, "stride": 2, "padding": 0},
+])
+def test_unit_local_grid_components_run_inside_units_exactly(downsample):
+    """Unshifted windows tiling the unit, non-overlapping convs and poolings and patch merging run
+    per unit (plan entries marked per_unit); the outputs equal the same weights on the whole grid."""
     spec = load_spec(EXAMPLES / "mae_swin_like.yaml").model_dump(mode="json", exclude_none=True)
     spec.update(img_size=64, num_classes=5, mae=None)
     spec["defaults"]["dim_head"] = 8
+    if downsample is not None:
+        spec["defaults"]["downsample"] = downsample
     spec["stages"] = [{**s, "embedding": 16 * 2 ** i, "depth": 2 if i < 2 else 1} for i, s in enumerate(spec["stages"])]
     units = build_encoder(spec).eval()
     plan = units.plan

@@ -108,7 +108,7 @@ def thesis_sweeps(model, x):
     context (the top level) after ``n_passes`` sweeps. Uses the model's blocks as black boxes."""
     h = model.stem(x).permute(0, 2, 3, 1)
     a = {0: h + sincos_pos_embed(tuple(h.shape[1:3]), h.shape[-1])}
-    pos, stop, step, L = 0, len(model.codecs), 1, len(model.codecs)
+    pos, stop, step = 0, len(model.codecs), 1
     b = x.shape[0]
     for p in range(model.plan.n_passes):
         for i in range(pos, stop, step):

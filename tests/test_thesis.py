@@ -6,7 +6,6 @@ short digits runs."""
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
