@@ -224,3 +224,17 @@ def test_sft_spec_files_load_by_path_whatever_their_extension(tmp_path):
     assert load_sft_spec(str(plain)) == load_sft_spec(str(src)) == load_sft_spec(src)
     with pytest.raises(ValueError, match="at least 'embedding' and 'levels'"):
         load_sft_spec("[1, 2]")
+
+
+def test_an_sft_spec_given_where_encoder_specs_go_says_how_to_build_it(capsys):
+    from hfactory import load_spec
+    from hfactory.cli import main
+    from hfactory.spec.io import SpecKindError
+
+    with pytest.raises(SpecKindError, match=r"digits.yaml: this is an SFT spec .* hfactory.sft.build_sft"):
+        load_spec(EXAMPLE)
+    assert main(["summary", EXAMPLE]) == 2
+    assert "this is an SFT spec (it has 'levels', not 'stages')" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"group_size \(2, 2\) must have one positive entry per grid axis, each "
+                                         r"dividing the grid \(5, 5\)"):
+        group_tokens(torch.zeros(1, 5, 5, 3), (2, 2))

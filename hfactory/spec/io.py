@@ -112,10 +112,22 @@ def load_spec(source: SpecSource) -> EncoderSpec:
         ValueError: unreadable or unsafe YAML (see :func:`load_yaml`), or a document that is
             not a mapping.
         FileNotFoundError: a path-like that does not exist.
+        SpecKindError: an SFT spec (``levels`` and no ``stages``), which
+            :func:`hfactory.sft.load_sft_spec` reads.
     """
     if isinstance(source, EncoderSpec):
         return source
-    return EncoderSpec.model_validate(read_spec_document(source))
+    document = read_spec_document(source)
+    if "levels" in document and "stages" not in document:
+        where = f"{source}: " if isinstance(source, (str, os.PathLike)) and "\n" not in str(source) else ""
+        raise SpecKindError(f"{where}this is an SFT spec (it has 'levels', not 'stages'); encoder specs, "
+                            "build_encoder and the hfactory commands take 'stages'. Build it with "
+                            "hfactory.sft.build_sft(spec) (README, 'SFT').")
+    return EncoderSpec.model_validate(document)
+
+
+class SpecKindError(ValueError):
+    """A spec of another model family than the loader builds (an SFT spec given as an encoder spec)."""
 
 
 def read_spec_document(source, required: str = "'stages'") -> dict:
