@@ -488,7 +488,7 @@ def test_pretrain_takes_set_and_the_checkpoint_records_the_lineage(tiny_mae_spec
     assert main(["pretrain", str(tiny_mae_spec), "--out", str(out), *sets, "--stop-at-step", "1", *FAST]) == 0
     saved = load_spec(out / "checkpoint" / "spec.yaml")
     assert saved.mae.decoder_depth == 1 and saved.drop_path_rate == 0.05
-    assert saved.lineage.changes == {"mae.decoder_depth": 1, "drop_path_rate": 0.05}
+    assert [s.changes for s in saved.lineage.steps] == [{"mae.decoder_depth": 1, "drop_path_rate": 0.05}]
     # resuming needs the same spec: with the same --set it continues, without it is refused
     assert main(["pretrain", str(tiny_mae_spec), "--out", str(out), *sets, "--resume", "--stop-at-step", "2",
                  "--no-progress"]) == 0

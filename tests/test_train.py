@@ -281,7 +281,8 @@ def test_set_changes_the_trained_spec_and_its_lineage_reaches_the_run(tiny_spec,
                  *FAST]) == 0
     saved = load_spec(out / "checkpoint" / "spec.yaml")
     assert saved.stages[1].depth == 2 and saved.lineage.base == "tiny_hybrid"
-    assert saved.lineage.changes == {"stages.1.depth": 2, "stages.*.feedforward.hidden_layer_multiplier": 3}
+    assert [s.changes for s in saved.lineage.steps] == [{"stages.1.depth": 2,
+                                                        "stages.*.feedforward.hidden_layer_multiplier": 3}]
     assert spec_hash(saved) == json.loads((out / "run.json").read_text())["spec_hash"]
     capsys.readouterr()
     # the run is that variant: resuming it without the same --set is refused, with it it goes on

@@ -56,9 +56,37 @@ def test_wrong_types_and_plan_breaking_changes_fail_like_a_hand_written_spec():
 def test_lineage_is_recorded_and_survives_yaml():
     spec = hfactory.load_preset("poolformer_s12").with_changes({"stages.3.depth": 4})
     again = hfactory.load_spec(hfactory.dump_spec(spec))
-    assert again.lineage.base == "poolformer_s12" and again.lineage.changes == {"stages.3.depth": 4}
+    assert again.lineage.base == "poolformer_s12"
+    assert [s.changes for s in again.lineage.steps] == [{"stages.3.depth": 4}]
     scaled = scale(again, {"depth_multiplier": 2})
-    assert scaled.lineage.changes == {"stages.3.depth": 4} and scaled.lineage.rule["depth_multiplier"] == 2
+    assert [s.changes for s in scaled.lineage.steps] == [{"stages.3.depth": 4}, None]
+    assert scaled.lineage.steps[1].rule == {"depth_multiplier": 2.0}
+
+
+def _depths(spec):
+    return [s.depth for s in hfactory.resolve(spec).stages]
+
+
+def test_replaying_the_lineage_rebuilds_every_chain_of_steps():
+    """The lineage records ordered steps, so a variant can be rebuilt from its base: repeated
+    rules, a later change overriding an earlier one, a change before a rule."""
+    from hfactory.spec.variants import replay_lineage
+
+    base = hfactory.load_preset("caformer_s18")  # depths 3, 3, 9, 3
+    chains = [
+        scale(scale(base, {"depth_multiplier": 2}), {"depth_multiplier": 2}),
+        base.with_changes({"stages.0.depth": 5}).with_changes({"stages.*.depth": 2, "stages.0.depth": 7}),
+        scale(base.with_changes({"stages.3.depth": 4}), {"depth_multiplier": 2}),
+        scale(base, {"width_multiplier": 1.5}).with_changes({"stages.2.token_mixer.kind": "pooling"}),
+    ]
+    assert [_depths(c) for c in chains[:3]] == [[12, 12, 36, 12], [7, 2, 2, 2], [6, 6, 18, 8]]
+    for spec in chains:
+        again = hfactory.load_spec(hfactory.dump_spec(spec))  # as read back from a checkpoint
+        assert replay_lineage(again) == spec
+    with pytest.raises(ValueError, match="has no lineage"):
+        replay_lineage(base)
+    with pytest.raises(ValueError, match="'mine' is not a preset; pass the base spec"):
+        replay_lineage(base.model_copy(update={"name": "mine"}).with_changes({"drop_rate": 0.1}))
 
 
 def test_parse_assignment():
@@ -143,7 +171,7 @@ def test_sweep_rows_equal_whole_model_summaries(tmp_path):
         assert row["activation_bytes"] == whole["activation_bytes"]
     paths = write_variants(rows, tmp_path)
     again = hfactory.load_spec(paths[0])
-    assert again.lineage.base == "caformer_s18" and "stages.2.depth" in again.lineage.changes
+    assert again.lineage.base == "caformer_s18" and "stages.2.depth" in again.lineage.steps[-1].changes
     with pytest.raises(OverrideError, match="no values"):
         expand_grid(base, {"stages.2.depth": []})
 
@@ -193,7 +221,7 @@ def test_pooling_stages_rule_rebuilds_hvt_s_n_block_for_block(base, n):
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(n))
     with torch.no_grad():
         assert torch.equal(model(x), ref(x))
-    assert spec.lineage.base == base and spec.lineage.rule["pooling_stages"] == n
+    assert spec.lineage.base == base and spec.lineage.steps[-1].rule["pooling_stages"] == n
 
 
 def test_pooling_stages_rule_errors_and_options():

@@ -107,13 +107,27 @@ class HeadSpec(StrictModel):
     bias: bool = True
 
 
+class LineageStep(StrictModel):
+    """One derivation step: ``changes`` (path -> value, applied in order by ``with_changes``) or
+    ``rule`` (a :class:`~hfactory.spec.variants.ScalingRule` applied by ``scale``)."""
+
+    changes: Optional[dict[str, Any]] = None
+    rule: Optional[dict[str, Any]] = None
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        if (self.changes is None) == (self.rule is None):
+            raise PydanticCustomError("lineage_step", "a lineage step has exactly one of 'changes' or 'rule'")
+        return self
+
+
 class Lineage(StrictModel):
-    """Where a variant came from (written by :mod:`hfactory.spec.variants`): the base spec's
-    name, the overrides applied (path -> value) and the scaling rule."""
+    """Where a variant came from (written by :mod:`hfactory.spec.variants`): the base spec's name
+    and the steps that derived it from the base, in order; replaying them
+    (:func:`hfactory.spec.variants.replay_lineage`) rebuilds the variant."""
 
     base: Optional[str] = None
-    changes: dict[str, Any] = Field(default_factory=dict)
-    rule: Optional[dict[str, Any]] = None
+    steps: list[LineageStep] = Field(default_factory=list)
 
 
 class EncoderSpec(StrictModel):

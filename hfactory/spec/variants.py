@@ -27,7 +27,8 @@ from .base import StrictModel, did_you_mean
 from .mae import MAESpec
 from .model import EncoderSpec, HeadSpec, Lineage, StageDefaults, StageSpec
 
-__all__ = ["with_changes", "scale", "ScalingRule", "Lineage", "OverrideError", "parse_assignment", "pooling_split"]
+__all__ = ["with_changes", "scale", "replay_lineage", "ScalingRule", "Lineage", "OverrideError", "parse_assignment",
+           "pooling_split"]
 
 #: Fields holding a component, by the slot they are looked up in.
 _COMPONENT_FIELDS = {"token_mixer": "token_mixer", "downsample": "downsample", "feedforward": "feedforward",
@@ -148,11 +149,39 @@ def with_changes(spec: EncoderSpec, changes: Mapping[str, Any], *, record: bool 
             raise OverrideError(str(path), "empty path component")
         _descend(data, "spec", tokens, value, "")
     if record:
-        lineage = dict(data.get("lineage") or {})
-        lineage.setdefault("base", spec.name)
-        lineage["changes"] = {**lineage.get("changes", {}), **{str(k): v for k, v in changes.items()}}
-        data["lineage"] = lineage
+        _record(data, spec, {"changes": {str(k): v for k, v in changes.items()}})
     return EncoderSpec.model_validate(data)
+
+
+def _record(data: dict, spec: EncoderSpec, step: dict) -> None:
+    """Append ``step`` to the lineage in ``data`` (a dumped spec derived from ``spec``)."""
+    lineage = dict(data.get("lineage") or {})
+    lineage.setdefault("base", spec.name)
+    lineage["steps"] = [*lineage.get("steps", []), step]
+    data["lineage"] = lineage
+
+
+def replay_lineage(spec: EncoderSpec, base: Optional[EncoderSpec] = None) -> EncoderSpec:
+    """Rebuild ``spec`` from its lineage: the base (default: the preset named ``lineage.base``)
+    with the recorded steps applied in order. The result equals ``spec`` (name included when no
+    step renamed it), which a test checks for chains of changes and rules.
+
+    Raises:
+        ValueError: ``spec`` has no lineage, or no ``base`` is given and ``lineage.base`` is not a
+            preset name.
+    """
+    if spec.lineage is None:
+        raise ValueError(f"{spec.name or 'this spec'} has no lineage (it was not derived with with_changes/scale)")
+    if base is None:
+        from ..presets import list_models, load_preset
+
+        if spec.lineage.base not in list_models():
+            raise ValueError(f"lineage.base {spec.lineage.base!r} is not a preset; pass the base spec")
+        base = load_preset(spec.lineage.base)
+    out = base
+    for step in spec.lineage.steps:
+        out = with_changes(out, step.changes) if step.changes is not None else scale(out, step.rule)
+    return out
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:
@@ -266,10 +295,7 @@ def scale(spec: EncoderSpec, rule: Union[ScalingRule, Mapping[str, Any]], name: 
                             "pooling_stages too (or change stages.*.downsample with with_changes)")
     if name is not None:
         data["name"] = name
-    lineage = dict(data.get("lineage") or {})
-    lineage.setdefault("base", spec.name)
-    lineage["rule"] = rule.model_dump(mode="json")
-    data["lineage"] = lineage
+    _record(data, spec, {"rule": rule.model_dump(mode="json", exclude_defaults=True)})
     scaled = EncoderSpec.model_validate(data)
     resolve(scaled)
     return scaled
