@@ -76,7 +76,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     if not args.grid:
         raise ValueError("give at least one --grid PATH=V1,V2,... (e.g. --grid stages.2.depth=6,9,12)")
-    grid = dict(parse_grid(g) for g in args.grid)
+    grid: dict = {}
+    for text in args.grid:
+        path, values = parse_grid(text)
+        if path in grid:
+            raise ValueError(f"--grid {path} is given twice; put all its values in one --grid {path}=V1,V2,...")
+        grid[path] = values
     rows = sweep(_load(args.spec), grid, batch=args.batch)
     if args.json:
         print(json.dumps([{k: v for k, v in r.items() if k != "spec"} for r in rows], indent=2))

@@ -23,7 +23,7 @@ import torch
 from .plan import Plan, resolve
 from .spec.io import dump_spec, load_yaml
 from .spec.model import EncoderSpec
-from .spec.variants import OverrideError, scale
+from .spec.variants import OverrideError, _yaml_reason, scale
 
 __all__ = ["expand_grid", "sweep", "parse_grid", "format_sweep", "RULE_KEYS"]
 
@@ -41,7 +41,11 @@ def parse_grid(text: str) -> tuple[str, list]:
     path, sep, raw = text.partition("=")
     if not sep or not path.strip():
         raise ValueError(f"--grid {text!r}: expected PATH=V1,V2,..., e.g. stages.2.depth=6,9,12")
-    values = load_yaml(f"[{raw}]") if raw.strip() else []
+    try:
+        values = load_yaml(f"[{raw}]") if raw.strip() else []
+    except ValueError as err:
+        raise ValueError(f"--grid {path.strip()}: values {raw!r} are not a comma-separated list of YAML values "
+                         f"({_yaml_reason(err)}); e.g. {path.strip()}=6,9,12 or window_size=[7,7],[8,8]") from None
     if not values:
         raise ValueError(f"--grid {path.strip()}: no values; give at least one, e.g. {path.strip()}=1,2")
     return path.strip(), [float(v) if isinstance(v, str) and _number(v) else v for v in values]
@@ -135,7 +139,16 @@ class _Head(torch.nn.Module):
 def sweep(spec: EncoderSpec, grid: Mapping[str, list], batch: int = 1) -> list[dict]:
     """Measure every variant of ``grid`` (see :func:`expand_grid`): one row per variant with
     ``name``, ``params``, ``gmacs``, ``activation_bytes`` (for ``batch`` images) and ``tokens``
-    per stage, and the variant's ``spec``."""
+    per stage, and the variant's ``spec``. Stages are measured one by one on the meta device and
+    cached, so variants sharing a stage share its cost; the sums equal :func:`summarize` of each
+    whole variant (a test checks presets of every family).
+
+    Raises:
+        ValueError: ``batch`` < 1; a bad grid (see :func:`expand_grid`).
+        OverrideError / pydantic.ValidationError / PlanError: a variant that is not a valid spec.
+    """
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
     from .encoder import HierarchicalEncoder
     from .summary import count_macs, saved_activation_bytes, summarize
 
@@ -156,8 +169,10 @@ def sweep(spec: EncoderSpec, grid: Mapping[str, list], batch: int = 1) -> list[d
                 break
             key = f"{sp.model_dump_json()}|{tuple(x1.shape)}|{batch}|{fused}"
             if key not in cache:
+                # after stage 0 the input requires grad, as in training: weight-free first ops
+                # (HVT's 1-D max pooling) save their input for backward only then
                 cache[key] = (sum(p.numel() for p in stage.parameters()), count_macs(stage, x1)["total"],
-                              saved_activation_bytes(stage, xb, fused_attention=fused)["total"])
+                              saved_activation_bytes(stage, xb.requires_grad_(i > 0), fused_attention=fused)["total"])
             numbers.append(cache[key])
         if fallback:  # a layout the sweep cannot feed stage by stage: measure the whole model
             summary = summarize(variant, batch=batch)
@@ -173,7 +188,7 @@ def sweep(spec: EncoderSpec, grid: Mapping[str, list], batch: int = 1) -> list[d
                 own = sum(p.numel() for p in model.parameters()) - sum(p.numel() for s in model.stages
                                                                        for p in s.parameters())
                 cache[head_key] = (own, count_macs(head, x1)["total"],
-                                   saved_activation_bytes(head, xb, fused_attention=fused)["total"])
+                                   saved_activation_bytes(head, xb.requires_grad_(), fused_attention=fused)["total"])
             numbers.append(cache[head_key])
             params, macs, act = (sum(n[j] for n in numbers) for j in range(3))
             gmacs = macs / 1e9

@@ -95,6 +95,18 @@ def test_parse_assignment():
     assert parse_assignment("stages.0.token_mixer={kind: pooling}") == ("stages.0.token_mixer", {"kind": "pooling"})
     with pytest.raises(ValueError, match="PATH=VALUE"):
         parse_assignment("stages.2.depth")
+    with pytest.raises(ValueError, match=r"--set stages.2.depth: value '\[1' is not valid YAML \(while parsing"):
+        parse_assignment("stages.2.depth=[1")
+
+
+def test_bad_grid_text_names_the_path(capsys):
+    from hfactory.cli import main
+    from hfactory.sweep import parse_grid
+
+    with pytest.raises(ValueError, match=r"--grid stages.2.depth: values '6,,9' are not a comma-separated list"):
+        parse_grid("stages.2.depth=6,,9")
+    assert main(["sweep", "caformer_s18", "--grid", "stages.2.depth=1", "--grid", "stages.2.depth=2"]) == 2
+    assert "--grid stages.2.depth is given twice" in capsys.readouterr().err
 
 
 # The named sizes of each family as base preset + rule; parameter counts are checked against
@@ -174,6 +186,25 @@ def test_sweep_rows_equal_whole_model_summaries(tmp_path):
     assert again.lineage.base == "caformer_s18" and "stages.2.depth" in again.lineage.steps[-1].changes
     with pytest.raises(OverrideError, match="no values"):
         expand_grid(base, {"stages.2.depth": []})
+
+
+@pytest.mark.parametrize("name", ["hvt_s_1", "hvt_ti_1", "hiera_tiny_224", "swin_tiny_patch4_window7_224",
+                                  "poolformerv2_s12"])
+def test_sweep_rows_equal_whole_model_summaries_for_every_family(name):
+    """Stage by stage (cached) and whole model agree for each family, at batch 2; HVT's first
+    pooled stage opens with a weight-free 1-D max pooling whose saved input counts only when the
+    stage input requires grad, as it does in training."""
+    from hfactory.summary import summarize
+    from hfactory.sweep import sweep
+
+    spec = hfactory.load_preset(name)
+    row = sweep(spec, {"drop_rate": [0.0]}, batch=2)[0]
+    whole = summarize(spec, batch=2)["total"]
+    assert (row["params"], row["activation_bytes"]) == (whole["params"], whole["activation_bytes"])
+    assert row["gmacs"] == pytest.approx(whole["gmacs"], rel=1e-9)
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="batch must be an integer >= 1"):
+            sweep(spec, {"drop_rate": [0.0]}, batch=bad)
 
 
 def test_cli_set_and_sweep(tmp_path, capsys):

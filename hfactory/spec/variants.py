@@ -197,7 +197,11 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     path, sep, raw = text.partition("=")
     if not sep or not path.strip():
         raise ValueError(f"{text!r}: expected PATH=VALUE, e.g. stages.2.depth=9")
-    value = load_yaml(raw) if raw.strip() else None
+    try:
+        value = load_yaml(raw) if raw.strip() else None
+    except ValueError as err:
+        raise ValueError(f"--set {path.strip()}: value {raw!r} is not valid YAML ({_yaml_reason(err)}); "
+                         "e.g. 9, 0.2, true, [7, 7] or {kind: pooling}") from None
     if isinstance(value, str):
         # YAML 1.1 reads 1e-5 (no dot) as a string; on a command line it means a number.
         try:
@@ -205,6 +209,12 @@ def parse_assignment(text: str) -> tuple[str, Any]:
         except ValueError:
             pass
     return path.strip(), value
+
+
+def _yaml_reason(err: Exception) -> str:
+    """The first line of a YAML error from :func:`~hfactory.spec.io.load_yaml`, for a message
+    about a command-line value (where "spec YAML" would mislead)."""
+    return str(err).splitlines()[0].removeprefix("invalid spec YAML: ")
 
 
 class ScalingRule(StrictModel):
