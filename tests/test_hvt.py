@@ -219,3 +219,14 @@ def test_short_digits_training_beats_chance(tmp_path):
     metrics = train(spec, tmp_path / "run", TrainConfig(epochs=3, lr=5e-3, batch_size=32, progress=False,
                                                         workers=0, seed=0, threads=1))
     assert metrics["test_accuracy"] > 0.6  # chance is 0.1; about 0.84 with this seed
+
+
+def test_hvt_presets_plan_at_other_resolutions():
+    """The presets pin no derived sequence lengths, so create_model(img_size=...) re-plans them:
+    at 256x256, 16x16 patches give 256 tokens, then (256 - 3) // 2 + 1 = 127, 63, 31, 15."""
+    import hfactory
+
+    model = hfactory.create_model("hvt_s_4", img_size=256)
+    assert [s.seq_len for s in model.plan.stages] == [256, 127, 63, 31, 15]
+    assert model(torch.randn(1, 3, 256, 256)).shape == (1, 1000)
+

@@ -99,6 +99,14 @@ def test_parse_assignment():
         parse_assignment("stages.2.depth=[1")
 
 
+def test_scaling_rounds_halves_up():
+    caformer = hfactory.load_preset("caformer_s18")  # depths 3, 3, 9, 3
+    assert _depths(scale(caformer, {"depth_multiplier": 1.5})) == [5, 5, 14, 5]  # 4.5 -> 5, 13.5 -> 14
+    hiera = hfactory.load_preset("hiera_tiny_224")  # widths 96 ... 768, head dim 96: 2.5, 5, 10, 20 heads
+    assert [s.out_chs for s in hfactory.resolve(scale(hiera, {"width_multiplier": 2.5})).stages] == [288, 480, 960,
+                                                                                                    1920]
+
+
 def test_bad_grid_text_names_the_path(capsys):
     from hfactory.cli import main
     from hfactory.sweep import parse_grid

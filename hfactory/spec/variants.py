@@ -18,6 +18,7 @@ No torch here.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, Literal, Mapping, Optional, Union
 
 from pydantic import Field
@@ -222,7 +223,8 @@ class ScalingRule(StrictModel):
 
     ``depth_multiplier`` and ``width_multiplier`` are one number or one per stage; depths round
     to the nearest integer (at least 1); widths round to the nearest multiple of
-    ``width_divisor`` (default: the stage's head dimension with ``heads: keep_dim_head``, else 8).
+    ``width_divisor`` (default: the stage's head dimension with ``heads: keep_dim_head``, else 8);
+    halves round up everywhere (4.5 blocks -> 5).
     ``heads``: ``keep_dim_head`` (heads follow the width: MetaFormer, Swin) or ``keep_num_heads``
     (the head count stays, times ``head_multiplier``: Hiera's B+/L/H).
 
@@ -275,14 +277,14 @@ def scale(spec: EncoderSpec, rule: Union[ScalingRule, Mapping[str, Any]], name: 
     width_m = rule.per_stage(rule.width_multiplier, n, "width_multiplier")
     data = spec.model_dump(mode="json", exclude_none=True)
     for i, (stage, sp) in enumerate(zip(data["stages"], plan.stages)):
-        stage["depth"] = max(1, round(sp.depth * depth_m[i]))
+        stage["depth"] = max(1, _round_half_up(sp.depth * depth_m[i]))
         if sp.num_heads is not None and rule.heads == "keep_num_heads":
-            heads = max(1, round(sp.num_heads * rule.head_multiplier))
+            heads = max(1, _round_half_up(sp.num_heads * rule.head_multiplier))
             divisor = rule.width_divisor or heads
         else:
             heads = None
             divisor = rule.width_divisor or sp.dim_head or 8
-        width = round(sp.out_chs * width_m[i] / divisor) * divisor
+        width = _round_half_up(sp.out_chs * width_m[i] / divisor) * divisor
         if width < 1:
             raise OverrideError(f"stages.{i}.embedding", f"{sp.out_chs} x {width_m[i]} rounds to 0 at a multiple of "
                                 f"{divisor}; use a larger width_multiplier or a smaller width_divisor")
@@ -309,6 +311,12 @@ def scale(spec: EncoderSpec, rule: Union[ScalingRule, Mapping[str, Any]], name: 
     scaled = EncoderSpec.model_validate(data)
     resolve(scaled)
     return scaled
+
+
+def _round_half_up(x: float) -> int:
+    """Nearest integer, halves up (Python's ``round`` sends halves to the even neighbour, which
+    would scale 96 x 2.5 to 192 at divisor 32 while 192 x 2.5 goes to 480: an uneven family)."""
+    return math.floor(x + 0.5)
 
 
 #: HVT's token pooling (MonashAI/HVT ``models.py``): ``nn.MaxPool1d(3, stride=2)`` then a new
