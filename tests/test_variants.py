@@ -99,6 +99,11 @@ def test_parse_assignment():
         parse_assignment("stages.2.depth=[1")
 
 
+def test_a_path_with_spaces_is_refused():
+    with pytest.raises(OverrideError, match="spaces around it"):
+        hfactory.load_preset("caformer_s18").with_changes({"stages. 0.depth": 2})
+
+
 def test_scaling_rounds_halves_up():
     caformer = hfactory.load_preset("caformer_s18")  # depths 3, 3, 9, 3
     assert _depths(scale(caformer, {"depth_multiplier": 1.5})) == [5, 5, 14, 5]  # 4.5 -> 5, 13.5 -> 14

@@ -85,7 +85,7 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
             raise ValueError(f"no converter recognises this state dict (first keys: {sample}); known families: "
                              f"{', '.join(f.name for f in FAMILIES)}")
         family = found[0]
-    mapped = resize_to_model(family.map(state_dict, model), model.state_dict())
+    mapped = resize_to_model(family.map(state_dict, model), model.state_dict(), model)
     report = mismatch_report(model.state_dict(), mapped)
     if report:
         raise ValueError(f"{family.name} state dict does not fit this model ({getattr(model, 'spec', None) and model.spec.name}); "

@@ -24,7 +24,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .core import Family, register_family
+from .core import Family, mismatch_report, register_family
 
 __all__ = ["map_hiera", "spec_from_timm_hiera", "from_package_keys", "from_hiera_mae_state_dict"]
 
@@ -52,18 +52,49 @@ def from_package_keys(state_dict: Mapping[str, torch.Tensor]) -> dict:
     return out
 
 
+def _raster_grid(n: int, grid: tuple[int, int]) -> tuple[int, int] | None:
+    """The grid of a ``(1, n, C)`` raster-order embedding: the model's ``grid`` when ``n`` fits it, else
+    a square one, else None (a non-square source grid cannot be told from ``n`` alone)."""
+    if n == grid[0] * grid[1]:
+        return tuple(grid)
+    side = math.isqrt(n)
+    return (side, side) if side * side == n else None
+
+
+def _grid_error(key: str, source: torch.Tensor, target: torch.Tensor, layout: str) -> ValueError:
+    n = source.shape[1]
+    return ValueError(
+        f"{key}: source {tuple(source.shape)} vs model {tuple(target.shape)}: {n} tokens are neither the model's "
+        f"{target.shape[1]}x{target.shape[2]} grid nor a square one, so the source grid cannot be inferred; pass "
+        f"the source grid by giving {key} as {layout} (H, W = the source image size / the patch stride)")
+
+
 def _pos_embed(v: torch.Tensor, model: nn.Module) -> torch.Tensor:
-    if v.ndim == 4:  # abs-win global embedding, channels-first (1, C, gh, gw)
+    """hfactory's ``(1, H, W, C)`` of a timm / package ``pos_embed``, or ``v`` unchanged when its
+    source grid cannot be inferred (see :func:`map_hiera`)."""
+    if v.ndim == 4:  # abs-win global embedding (or a source grid given so), channels-first (1, C, gh, gw)
         return v.permute(0, 2, 3, 1)
     # (1, N, C) in raster order -> (1, H, W, C); a square source grid if N differs from ours
-    h, w = model.plan.stages[0].out_grid
-    if v.shape[1] != h * w:
-        h = w = math.isqrt(v.shape[1])
-    return v.reshape(1, h, w, v.shape[-1])
+    hw = _raster_grid(v.shape[1], model.plan.stages[0].out_grid) if v.ndim == 3 else None
+    return v if hw is None else v.reshape(1, *hw, v.shape[-1])
+
+
+_POS = "stages.0.pos_embed.pos_embed"
 
 
 def map_hiera(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict:
-    """timm-Hiera keys -> hfactory keys (see module docstring)."""
+    """timm-Hiera keys -> hfactory keys (see module docstring).
+
+    A ``(1, N, C)`` ``pos_embed`` is read on the model's grid when ``N`` fits it, else on a square
+    grid (as timm's ``resample_abs_pos_embed`` assumes), else it is left as it is: a state dict that
+    otherwise fits the model (its classifier aside) raises the ``ValueError`` below; one that does not (another
+    architecture or size) is named key by key by the caller's mismatch report. A source built for a
+    non-square size (timm ``img_size=(320, 256)``: 80x64 tokens) is loaded by giving ``pos_embed``
+    channels-first ``(1, C, H, W)``, the layout of abs-win checkpoints.
+
+    Raises:
+        ValueError: ``pos_embed``'s source grid cannot be inferred (names the key and both shapes).
+    """
     blocks = _block_index(model)
     out = {}
     for k, v in from_package_keys(state_dict).items():
@@ -87,6 +118,17 @@ def map_hiera(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict:
             for pattern, repl in _BLOCK_RENAMES:
                 rest = re.sub(pattern, repl, rest)
             out[f"stages.{stage}.blocks.{j}.{rest}"] = v
+    pos = out.get(_POS)
+    if pos is not None and pos.ndim == 3:  # a (1, N, C) embedding of an unknown, non-square grid
+        expected = model.state_dict()
+
+        def rest(d):  # all but the embedding and the classifier (a Hiera with other classes still gets the hint)
+            return {k: t for k, t in d.items() if k != _POS and not k.startswith("head.")}
+
+        if _POS in expected and not mismatch_report(rest(expected), rest(out)):
+            raise _grid_error("pos_embed", pos, expected[_POS], "channels-first (1, C, H, W), e.g. "
+                              "state_dict['pos_embed'] = pos_embed.reshape(1, H, W, C).permute(0, 3, 1, 2)")
+        # otherwise another architecture or size: the caller's mismatch report names every key
     return out
 
 
@@ -210,18 +252,27 @@ def from_hiera_mae_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.
     for k, v in state_dict.items():
         if k == "decoder_pos_embed":
             grid = tuple(model.decoder_pos_embed.shape[1:3])
-            side = math.isqrt(v.shape[1])
-            hw = grid if v.shape[1] == grid[0] * grid[1] else (side, side)
-            out[k] = resize_pos_embed(v.reshape(1, *hw, v.shape[-1]), grid)
+            if v.ndim == 4:  # hfactory's own channels-last (1, H, W, D): a source grid given so
+                out[k] = resize_pos_embed(v, grid) if v.shape[-1] == model.decoder_pos_embed.shape[-1] else v
+                continue
+            hw = _raster_grid(v.shape[1], grid) if v.ndim == 3 else None
+            out[k] = v if hw is None else resize_pos_embed(v.reshape(1, *hw, v.shape[-1]), grid)
         elif k.startswith("decoder_blocks."):
             out[re.sub(r"^(decoder_blocks\.\d+\.)attn\.", r"\1token_mixer.", k)] = v
         elif k.startswith(_MAE_PASS):
             out[k] = v
         else:
             encoder[k] = v
-    mapped = resize_to_model(map_hiera(encoder, model.encoder), model.encoder.state_dict())
+    mapped = resize_to_model(map_hiera(encoder, model.encoder), model.encoder.state_dict(), model.encoder)
     out.update({f"encoder.{k}": v for k, v in mapped.items()})
-    report = mismatch_report(model.state_dict(), out)
+    expected = model.state_dict()
+    dec = out.get("decoder_pos_embed")
+    if dec is not None and dec.ndim == 3 and "decoder_pos_embed" in expected and not mismatch_report(
+            {k: t for k, t in expected.items() if k != "decoder_pos_embed"},
+            {k: t for k, t in out.items() if k != "decoder_pos_embed"}):
+        raise _grid_error("decoder_pos_embed", dec, expected["decoder_pos_embed"], "channels-last (1, H, W, D), "
+                          "e.g. state_dict['decoder_pos_embed'] = decoder_pos_embed.reshape(1, H, W, D)")
+    report = mismatch_report(expected, out)
     if report:
         raise ValueError(f"hiera MAE state dict does not fit this model ({model.spec.name}); {report}")
     return out

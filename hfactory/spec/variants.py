@@ -148,6 +148,8 @@ def with_changes(spec: EncoderSpec, changes: Mapping[str, Any], *, record: bool 
         tokens = str(path).split(".")
         if not all(tokens):
             raise OverrideError(str(path), "empty path component")
+        if any(t != t.strip() for t in tokens):
+            raise OverrideError(str(path), "a path component has spaces around it; write e.g. stages.0.depth")
         _descend(data, "spec", tokens, value, "")
     if record:
         _record(data, spec, {"changes": {str(k): v for k, v in changes.items()}})
