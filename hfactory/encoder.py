@@ -533,7 +533,7 @@ def load_checked(model: nn.Module, state: dict, source: str = "state dict") -> N
     from .convert.core import mismatch_report
     from .convert.resize import resize_to_model
 
-    state = resize_to_model(state, model.state_dict())
+    state = resize_to_model(state, model.state_dict(), model)
     report = mismatch_report(model.state_dict(), state)
     if report:
         raise ValueError(f"{source} does not fit this model's spec; {report}")

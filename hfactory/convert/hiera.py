@@ -9,7 +9,8 @@ head (``norm.*`` and ``head.projection.*``; timm: ``head.norm.*``, ``head.fc.*``
 
 Position embeddings: the plain learned one is ``(1, N, C)`` in raster order (reshaped to
 ``(1, H, W, C)``; a square source grid when ``N`` differs from the model's, then resized on load
-by :mod:`hfactory.convert.resize`); the abs-win ones (timm ``abs_win_pos_embed=True``,
+by :mod:`hfactory.convert.resize`; a non-square source grid is given channels-first, see
+:func:`map_hiera`); the abs-win ones (timm ``abs_win_pos_embed=True``,
 arXiv 2311.05613) are channels-first ``(1, C, gh, gw)`` / ``(1, C, uh, uw)`` and are permuted to
 hfactory's channels-last ``(1, gh, gw, C)`` / ``(1, uh, uw, C)``. LayerScale ``ls1.gamma`` /
 ``ls2.gamma`` become ``layer_scale1.scale`` / ``layer_scale2.scale``.
@@ -66,7 +67,7 @@ def _grid_error(key: str, source: torch.Tensor, target: torch.Tensor, layout: st
     return ValueError(
         f"{key}: source {tuple(source.shape)} vs model {tuple(target.shape)}: {n} tokens are neither the model's "
         f"{target.shape[1]}x{target.shape[2]} grid nor a square one, so the source grid cannot be inferred; pass "
-        f"the source grid by giving {key} as {layout} (H, W = the source image size / the patch stride)")
+        f"the source grid by giving {key} as {layout}")
 
 
 def _pos_embed(v: torch.Tensor, model: nn.Module) -> torch.Tensor:
@@ -127,7 +128,8 @@ def map_hiera(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict:
 
         if _POS in expected and not mismatch_report(rest(expected), rest(out)):
             raise _grid_error("pos_embed", pos, expected[_POS], "channels-first (1, C, H, W), e.g. "
-                              "state_dict['pos_embed'] = pos_embed.reshape(1, H, W, C).permute(0, 3, 1, 2)")
+                              "state_dict['pos_embed'] = pos_embed.reshape(1, H, W, C).permute(0, 3, 1, 2) "
+                              "(H, W = the source image size / the patch stride)")
         # otherwise another architecture or size: the caller's mismatch report names every key
     return out
 
@@ -271,7 +273,8 @@ def from_hiera_mae_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.
             {k: t for k, t in expected.items() if k != "decoder_pos_embed"},
             {k: t for k, t in out.items() if k != "decoder_pos_embed"}):
         raise _grid_error("decoder_pos_embed", dec, expected["decoder_pos_embed"], "channels-last (1, H, W, D), "
-                          "e.g. state_dict['decoder_pos_embed'] = decoder_pos_embed.reshape(1, H, W, D)")
+                          "e.g. state_dict['decoder_pos_embed'] = decoder_pos_embed.reshape(1, H, W, D) "
+                          "(H, W = the source's decoder grid: its last stage's grid times the unrolled strides)")
     report = mismatch_report(expected, out)
     if report:
         raise ValueError(f"hiera MAE state dict does not fit this model ({model.spec.name}); {report}")

@@ -1,6 +1,6 @@
 """Resize resolution-dependent weights on load (bicubic), so weights trained at one resolution
 load into a model built for another: learned position embeddings ``(1, H, W, C)`` (as timm's
-``resample_abs_pos_embed``: bicubic with antialias) and Swin's relative-position bias tables
+``resample_abs_pos_embed``: bicubic with antialias), 1-D ones ``(1, N, C)`` (linear) and Swin's relative-position bias tables
 ``((2*Wh-1)*(2*Ww-1), heads)`` (bicubic, Swin's recipe in ``get_started.md``, "fine-tuning on
 higher resolution"; per axis for non-square windows).
 
@@ -10,9 +10,10 @@ E.g. ``swin_tiny_patch4_window7_224`` built at 224 and run on 160x160 inputs cla
 window to its 5x5 grid and reads the central 9x9 offsets of its 13x13 table (the sub-window,
 :func:`hfactory.layers.swin.relative_position_index`), while the same weights loaded into a model
 built with ``img_size=160`` get a 9x9 table resized bicubically from the 13x13 one here. The two
-give different outputs (logits ~1e-3 relative apart with timm's initial tables; more for trained,
-larger tables); timm's ``checkpoint_filter_fn`` also resizes, so the model built for 160 is the one
-that matches a timm model created with ``img_size=160``.
+give different outputs (logits ~1e-3 relative apart with timm's initial std-0.02 tables, ~4e-2 with
+std-1 tables). The built-for-160 model is the counterpart of timm's ``img_size=160`` model, whose
+``checkpoint_filter_fn`` resizes the table too (with BEiT's interpolation, not bicubic, so values
+differ from ours).
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ from torch import nn
 
 from ..layers.posembed import resize_pos_embed
 
-__all__ = ["resize_to_model", "resize_rel_pos_table", "RESIZABLE_SUFFIXES"]
+__all__ = ["resize_to_model", "resize_rel_pos_table", "resize_seq_pos_embed", "RESIZABLE_SUFFIXES"]
 
 #: Parameter-name suffixes whose spatial size follows the resolution, and their layout.
 RESIZABLE_SUFFIXES = {
-    "pos_embed": "grid",                         # (1, H, W, C)
+    "pos_embed": "grid",                         # (1, H, W, C), or (1, N, C) for 1-D embeddings
     "pos_embed_win": "grid",                     # (1, uh, uw, C)
     "relative_position_bias_table": "table",     # ((2Wh-1)(2Ww-1), heads)
 }
@@ -79,6 +80,21 @@ def resize_rel_pos_table(table: torch.Tensor, window: tuple[int, int],
     return grid.reshape(heads, dst[0] * dst[1]).T.to(table.dtype)
 
 
+def resize_seq_pos_embed(pos_embed: torch.Tensor, length: int) -> torch.Tensor:
+    """Resize a 1-D learned position embedding ``(1, N, C)`` (HVT's per-pooling-stage embeddings,
+    ``learned_1d``) to ``(1, length, C)`` by linear interpolation over the token index
+    (``align_corners=False``).
+
+    An approximation: after HVT's 1-D pooling of a flattened raster the index has no exact 2-D
+    meaning, and the HVT code has no resize of its own; interpolating keeps the embedding's
+    profile along the sequence, so fine-tuning starts near the trained model.
+    """
+    if pos_embed.shape[1] == length:
+        return pos_embed
+    x = F.interpolate(pos_embed.transpose(1, 2).float(), size=length, mode="linear", align_corners=False)
+    return x.transpose(1, 2).to(pos_embed.dtype)
+
+
 def _target_window(key: str, rows: int, model: Optional[nn.Module]) -> Optional[tuple[int, int]]:
     """The window of the module owning table ``key`` (its ``window_size``), else the square one
     ``rows`` implies, else None."""
@@ -115,6 +131,8 @@ def resize_to_model(state: Mapping[str, torch.Tensor], expected: Mapping[str, to
             continue
         if kind == "grid" and value.ndim == 4 and ref.ndim == 4 and value.shape[-1] == ref.shape[-1]:
             out[key] = resize_pos_embed(value, tuple(ref.shape[1:3]))
+        elif kind == "grid" and value.ndim == 3 and ref.ndim == 3 and value.shape[::2] == ref.shape[::2]:
+            out[key] = resize_seq_pos_embed(value, ref.shape[1])
         elif kind == "table" and value.ndim == 2 and ref.ndim == 2 and value.shape[1] == ref.shape[1]:
             window = _target_window(key, ref.shape[0], model)
             if window is not None:

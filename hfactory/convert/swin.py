@@ -15,8 +15,9 @@ Key mapping (by pattern, so every depth / width variant converts):
   name the classifier ``head``: their downsamplers move one stage on and ``head.*`` becomes
   ``head.fc.*`` (timm's ``checkpoint_filter_fn``).
 
-Relative-position bias tables of another window size are resized bicubically afterwards
-(:mod:`hfactory.convert.resize`).
+Relative-position bias tables of another window size are resized bicubically afterwards to the
+window of the block that owns them, non-square ones included (:mod:`hfactory.convert.resize`, whose
+docstring says how that differs from running a model built at 224 on smaller inputs).
 """
 
 from __future__ import annotations

@@ -404,7 +404,7 @@ def load_pretrained_encoder(model, source) -> dict:
     target = model.state_dict()
     skipped = sorted(k for k in state if k.startswith("head."))
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    state = resize_to_model(state, target)
+    state = resize_to_model(state, target, model)
     expected = {k: v for k, v in target.items() if not k.startswith("head.")}
     report = mismatch_report(expected, state)
     if report:
