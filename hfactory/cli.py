@@ -37,15 +37,33 @@ class QuietAbort(Exception):
 __all__ = ["main", "build_parser"]
 
 
-def _load(spec_arg, sets: list[str] | None = None):
+#: Commands that take SFT specs as well as encoder specs.
+SFT_COMMANDS = ("train", "summary")
+
+
+def _load(spec_arg, sets: list[str] | None = None, sft: bool = False):
     """The validated spec of a command-line argument (a YAML/JSON path, else a preset name; an
-    already loaded spec passes through), with ``--set PATH=VALUE`` overrides applied."""
+    already loaded spec passes through), with ``--set PATH=VALUE`` overrides applied. With
+    ``sft`` (commands that take SFT specs too: train, summary) a file with ``levels`` gives an
+    :class:`~hfactory.spec.sft.SFTSpec`; other commands refuse it naming the ones that take it."""
     from .presets import resolve_spec_arg
+    from .spec.io import SpecKindError, load_any_spec
     from .spec.model import EncoderSpec
+    from .spec.sft import SFTSpec
     from .spec.variants import parse_assignment
 
-    spec = spec_arg if isinstance(spec_arg, EncoderSpec) else resolve_spec_arg(spec_arg)
+    if isinstance(spec_arg, (EncoderSpec, SFTSpec)):
+        spec = spec_arg
+    elif sft and (Path(spec_arg).suffix in (".yaml", ".yml", ".json") or Path(spec_arg).exists()):
+        spec = load_any_spec(Path(spec_arg))
+    else:
+        try:
+            spec = resolve_spec_arg(spec_arg)
+        except SpecKindError as err:
+            raise SpecKindError(f"{err} hfactory train and hfactory summary take SFT specs too.") from None
     if sets:
+        if isinstance(spec, SFTSpec):
+            raise ValueError("--set changes encoder specs (stages.*); edit the SFT spec's YAML instead")
         spec = spec.with_changes(dict(parse_assignment(s) for s in sets))
     return spec
 
@@ -106,7 +124,14 @@ def cmd_summary(args: argparse.Namespace) -> int:
     downsampler, parameters, GMACs and activation memory, measured on the meta device."""
     from .summary import format_summary, summarize
 
-    summary = summarize(_load(args.spec), batch=args.batch)
+    spec = _load(args.spec, sft=True)
+    if not hasattr(spec, "stages"):  # an SFT spec
+        from .sft import format_sft_summary, summarize_sft
+
+        summary = summarize_sft(spec, batch=args.batch)
+        print(json.dumps(summary, indent=2) if args.json else format_sft_summary(summary))
+        return 0
+    summary = summarize(spec, batch=args.batch)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return 0
 
@@ -241,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "set", None):  # --set applies to every command that takes a spec
-            args.spec_arg, args.spec = args.spec, _load(args.spec, args.set)
+            args.spec_arg, args.spec = args.spec, _load(args.spec, args.set, sft=args.command in SFT_COMMANDS)
         return args.func(args)
     except QuietAbort as err:  # another process of a torchrun job failed and rank 0 printed why
         return err.status

@@ -39,7 +39,8 @@ from .plan import Plan, resolve
 from .spec.io import SpecSource, dump_spec, load_spec
 from .spec.model import EncoderSpec
 
-__all__ = ["HierarchicalEncoder", "build_encoder", "from_pretrained", "feature_take_indices", "spec_hash"]
+__all__ = ["HierarchicalEncoder", "build_encoder", "build_model", "from_pretrained", "load_model", "feature_take_indices",
+           "spec_hash"]
 
 WEIGHTS_NAME = "model.safetensors"
 SPEC_NAME = "spec.yaml"
@@ -477,6 +478,28 @@ def from_pretrained(directory: Union[str, os.PathLike], map_location: str = "cpu
             shape-mismatched keys.
     """
     return load_model_dir(directory, build_encoder, map_location, "a save_pretrained() directory")
+
+
+def build_model(spec) -> nn.Module:
+    """The model of a validated spec: a :class:`HierarchicalEncoder` for an
+    :class:`~hfactory.spec.model.EncoderSpec`, an :class:`~hfactory.sft.SFTEncoder` for an
+    :class:`~hfactory.spec.sft.SFTSpec` (both read by :func:`hfactory.spec.io.load_any_spec`)."""
+    from .spec.sft import SFTSpec
+
+    if isinstance(spec, SFTSpec):
+        from .sft import SFTEncoder
+
+        return SFTEncoder(spec)
+    return HierarchicalEncoder(spec)
+
+
+def load_model(directory: Union[str, os.PathLike], map_location: str = "cpu") -> nn.Module:
+    """:func:`from_pretrained` for any model hfactory saves with a spec (encoders, SFT): the spec
+    kind is read from ``spec.yaml``. Raises as :func:`from_pretrained`."""
+    from .spec.io import load_any_spec
+
+    return load_model_dir(directory, lambda path: build_model(load_any_spec(path)), map_location,
+                          "a save_pretrained() directory")
 
 
 def save_model_dir(model: nn.Module, directory: Union[str, os.PathLike]) -> Path:

@@ -35,7 +35,7 @@ from .spec.io import read_spec_document
 from .spec.sft import SFTPlan, SFTSpec, SFTTransitionPlan, resolve_sft
 
 __all__ = ["SFTEncoder", "Codec", "CrossBlock", "build_sft", "load_sft_spec", "group_tokens", "ungroup_tokens",
-           "sincos_pos_embed"]
+           "sincos_pos_embed", "summarize_sft", "format_sft_summary"]
 
 
 def group_tokens(x: torch.Tensor, group_size: Sequence[int]) -> torch.Tensor:
@@ -221,6 +221,17 @@ class SFTEncoder(nn.Module):
         return self.plan.levels[-1].chs
 
     @property
+    def num_classes(self) -> int:
+        return self.plan.num_classes
+
+    def save_pretrained(self, directory: Union[str, os.PathLike]):
+        """``spec.yaml`` and ``model.safetensors`` (spec hash in its metadata), written atomically;
+        :func:`hfactory.encoder.load_model` (and ``hfactory eval``) rebuild it. Returns the directory."""
+        from .encoder import save_model_dir
+
+        return save_model_dir(self, directory)
+
+    @property
     def feature_info(self) -> list[dict]:
         return [dict(num_chs=lv.chs, reduction=lv.reduction[0], module=f"levels.{lv.index}") for lv in self.plan.levels]
 
@@ -295,6 +306,89 @@ def _init_weights(m: nn.Module) -> None:
         nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
         if m.bias is not None:
             nn.init.zeros_(m.bias)
+
+
+def summarize_sft(spec: SFTSpec, batch: int = 1) -> dict:
+    """What ``hfactory summary`` prints for an SFT spec, measured on the meta device as for
+    encoders (:func:`hfactory.summary.summarize`: GMACs per image, activation bytes saved for
+    backward by a training forward of ``batch`` images).
+
+    Returns:
+        a JSON-ready dict: ``name``, ``img_size``, ``in_chans``, ``num_classes``, ``n_passes``,
+        ``batch``, ``levels`` (``index, grid, tokens, width, reduction``), ``transitions``
+        (``index`` i -> i+1, ``group_size, queries, heads, params, gmacs, activation_bytes``),
+        ``stem`` and ``head`` (params, gmacs, activation_bytes; the head part also holds the
+        position embeddings' additions), ``total``.
+
+    Raises:
+        ValueError: ``batch < 1``; PlanError: the spec does not plan.
+    """
+    from .summary import OTHER, count_macs, saved_activation_bytes
+
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"--batch {batch}: must be >= 1")
+    plan = resolve_sft(spec)
+    with torch.device("meta"):
+        model = SFTEncoder(spec, plan)
+    # A codec runs through forward_step / backward_step, not its own __call__, so its cost is
+    # collected from the submodules it calls (blocks and projections), labelled "codec<i>:<name>".
+    parts = {"stem": model.stem}
+    for i, codec in enumerate(model.codecs):
+        for name, child in codec.named_children():
+            items = child.named_children() if isinstance(child, nn.ModuleList) else [("", child)]
+            parts.update({f"codec{i}:{name}{'.' + j if j else ''}": m for j, m in items})
+    fused = plan.attn_backend != "math"
+    macs = count_macs(model, torch.empty(1, plan.in_chans, *plan.img_size, device="meta"), parts)
+    saved = saved_activation_bytes(model, torch.empty(batch, plan.in_chans, *plan.img_size, device="meta"), parts,
+                                   fused)
+    for table in (macs, saved):
+        for i in range(len(model.codecs)):
+            table[f"codec{i}"] = sum(v for k, v in table.items() if k.startswith(f"codec{i}:"))
+
+    def part(label: str, module: Optional[nn.Module]) -> dict:
+        params = sum(p.numel() for p in module.parameters()) if module is not None else None
+        return {"params": params, "gmacs": macs[label] / 1e9, "activation_bytes": saved[label]}
+
+    total = sum(p.numel() for p in model.parameters())
+    head = part(OTHER, None)
+    head["params"] = total - sum(p.numel() for m in (model.stem, *model.codecs) for p in m.parameters())
+    return {
+        "name": plan.name, "img_size": list(plan.img_size), "in_chans": plan.in_chans,
+        "num_classes": plan.num_classes, "n_passes": plan.n_passes, "batch": batch,
+        "levels": [{"index": lv.index, "grid": list(lv.grid), "tokens": lv.tokens, "width": lv.chs,
+                    "reduction": list(lv.reduction)} for lv in plan.levels],
+        "transitions": [{"index": t.index, "group_size": list(t.group_size), "queries": list(t.queries),
+                         "heads": t.num_heads, **part(f"codec{t.index}", model.codecs[t.index])}
+                        for t in plan.transitions],
+        "stem": part("stem", model.stem), "head": head,
+        "total": {"params": total, "gmacs": macs["total"] / 1e9, "activation_bytes": saved["total"]},
+    }
+
+
+def format_sft_summary(summary: dict) -> str:
+    """The text table of :func:`summarize_sft`: levels, then the stem, each transition's codec
+    (forward and, with ``n_passes > 1``, backward steps; its cost summed over the passes) and the head."""
+    from .summary import _bytes, _gm, _params
+
+    size = "x".join(map(str, summary["img_size"]))
+    lines = [f"{summary['name'] or 'sft'}: {summary['in_chans']}x{size} image, {len(summary['levels'])} levels, "
+             f"{summary['n_passes']} pass(es), {summary['num_classes']} classes",
+             "level  grid      tokens  width  pixels per token"]
+    for lv in summary["levels"]:
+        lines.append(f"{lv['index']:>5}  {'x'.join(map(str, lv['grid'])):<8}  {lv['tokens']:>6}  {lv['width']:>5}  "
+                     f"{'x'.join(map(str, lv['reduction']))}")
+    rows = [("stem", "", summary["stem"])]
+    rows += [(f"codec {t['index']}->{t['index'] + 1}", f"groups of {'x'.join(map(str, t['group_size']))} -> "
+              f"{'x'.join(map(str, t['queries']))} queries, {t['heads']} heads", t) for t in summary["transitions"]]
+    rows += [("head", "", summary["head"]), ("total", "", summary["total"])]
+    act = f"act. mem (batch {summary['batch']})"
+    lines.append(f"{'part':<12}  {'':<40}  {'params':>8}  {'GMACs':>7}  {act:>18}")
+    for name, what, r in rows:
+        lines.append(f"{name:<12}  {what:<40}  {_params(r['params']):>8}  {_gm(r['gmacs']):>7}  "
+                     f"{_bytes(r['activation_bytes']):>18}")
+    lines.append("GMACs: per image, conv/matmul only (FlopCounterMode FLOPs / 2); act. mem: tensors saved for "
+                 "backward by a training forward")
+    return "\n".join(lines)
 
 
 def load_sft_spec(source: Union[str, os.PathLike, dict, SFTSpec]) -> SFTSpec:

@@ -15,7 +15,8 @@ import yaml
 
 from .model import EncoderSpec
 
-__all__ = ["load_yaml", "load_spec", "read_spec_document", "dump_spec", "SpecSource", "MAX_SPEC_BYTES"]
+__all__ = ["load_yaml", "load_spec", "load_any_spec", "read_spec_document", "dump_spec", "SpecSource", "SpecKindError",
+           "MAX_SPEC_BYTES"]
 
 #: Larger documents are refused before parsing; a spec is a few kilobytes (the largest preset is
 #: under 3 kB). PyYAML's pure-Python parser needs several seconds per megabyte, so the bound keeps
@@ -118,12 +119,31 @@ def load_spec(source: SpecSource) -> EncoderSpec:
     if isinstance(source, EncoderSpec):
         return source
     document = read_spec_document(source)
-    if "levels" in document and "stages" not in document:
+    if _is_sft(document):
         where = f"{source}: " if isinstance(source, (str, os.PathLike)) and "\n" not in str(source) else ""
         raise SpecKindError(f"{where}this is an SFT spec (it has 'levels', not 'stages'); encoder specs, "
                             "build_encoder and the hfactory commands take 'stages'. Build it with "
                             "hfactory.sft.build_sft(spec) (README, 'SFT').")
     return EncoderSpec.model_validate(document)
+
+
+def _is_sft(document: dict) -> bool:
+    return "levels" in document and "stages" not in document
+
+
+def load_any_spec(source):
+    """An :class:`EncoderSpec`, or an :class:`~hfactory.spec.sft.SFTSpec` for a document with
+    ``levels`` and no ``stages`` (what ``hfactory train``, ``eval`` and ``summary`` accept).
+
+    Raises:
+        as :func:`load_spec` for encoder specs; pydantic.ValidationError for a bad SFT spec.
+    """
+    from .sft import SFTSpec
+
+    if isinstance(source, (EncoderSpec, SFTSpec)):
+        return source
+    document = read_spec_document(source)
+    return SFTSpec.model_validate(document) if _is_sft(document) else EncoderSpec.model_validate(document)
 
 
 class SpecKindError(ValueError):

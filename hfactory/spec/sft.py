@@ -85,6 +85,20 @@ class SFTSpec(StrictModel):
                             description="norm of the pooled top level, before the classifier")
     attn_backend: str = Field("auto", pattern="^(auto|xformers|sdpa|math)$")
 
+    @property
+    def img_hw(self) -> tuple[int, int]:
+        """``img_size`` as ``(H, W)`` pixels (images are the 2-D case; see :class:`SFTEncoder`).
+
+        Raises:
+            ValueError: ``img_size`` has another rank than 2.
+        """
+        size = self.img_size
+        if isinstance(size, int):
+            return (size, size)
+        if len(size) != 2:
+            raise ValueError(f"img_size {list(size)}: an image model needs [H, W]")
+        return tuple(size)
+
 
 class SFTLevelPlan(BaseModel):
     """One level: its token grid, width and reduction (image pixels per token, per axis)."""

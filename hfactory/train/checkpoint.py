@@ -28,7 +28,7 @@ import torch
 
 from ..atomic import atomic_path
 from ..encoder import SPEC_NAME, WEIGHTS_NAME, spec_hash
-from ..spec.io import dump_spec, load_spec
+from ..spec.io import dump_spec, load_any_spec
 from ..spec.model import EncoderSpec
 
 __all__ = ["RUN_FILE", "CHECKPOINT_DIR", "MODEL_DIR", "STATE_NAME", "atomic_path", "write_json",
@@ -60,7 +60,7 @@ def _recorded_hash(out: Path) -> Optional[str]:
         return run["spec_hash"]
     for sub in (CHECKPOINT_DIR, MODEL_DIR, CHECKPOINT_DIR + ".old", CHECKPOINT_DIR + ".new"):
         if (out / sub / SPEC_NAME).is_file():
-            return spec_hash(load_spec(out / sub / SPEC_NAME))
+            return spec_hash(load_any_spec(out / sub / SPEC_NAME))
     if any((out / name).exists() for name in METRIC_FILES):
         return "unknown"
     return None
@@ -169,7 +169,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, expected_hash: str) -> d
     state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
     with safe_open(str(path / WEIGHTS_NAME), "pt") as f:
         meta = f.metadata() or {}
-    found = {state.get("spec_hash"), meta.get("spec_hash"), spec_hash(load_spec(path / SPEC_NAME))}
+    found = {state.get("spec_hash"), meta.get("spec_hash"), spec_hash(load_any_spec(path / SPEC_NAME))}
     if found != {expected_hash}:
         raise ValueError(f"checkpoint {path} was written for spec hash(es) {sorted(map(str, found))}, "
                          f"but this spec hashes to {expected_hash}; it cannot be resumed with this spec")
@@ -201,7 +201,7 @@ def checked_model_dir(path: Path) -> Path:
     if model_dir is None:
         raise FileNotFoundError(f"no saved model in {path}: expected {SPEC_NAME} and {WEIGHTS_NAME} there, "
                                 f"or a run directory with {MODEL_DIR}/ or {CHECKPOINT_DIR}/")
-    actual = spec_hash(load_spec(model_dir / SPEC_NAME))
+    actual = spec_hash(load_any_spec(model_dir / SPEC_NAME))
     with safe_open(str(model_dir / WEIGHTS_NAME), "pt") as f:
         saved = (f.metadata() or {}).get("spec_hash")
     if saved is not None and saved != actual:

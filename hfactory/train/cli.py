@@ -131,7 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     main_process = os.environ.get("RANK", "0") == "0"
 
-    spec = _load(args.spec)
+    spec = _load(args.spec, sft=True)  # an encoder spec, or an SFT spec
     out = Path(args.out) if args.out else Path("runs") / (spec.name or spec_argument_stem(args))
     config = config_from_args(args, out)
     problem = _missing_extra(config.data, config.progress)
@@ -177,13 +177,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..encoder import from_pretrained
+    from ..encoder import load_model
     from .data import load_data
     from .loop import evaluate
 
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = from_pretrained(model_dir).to(device)
+    model = load_model(model_dir).to(device)  # an encoder or an SFT, as its spec.yaml says
     data = load_data(data_arg, model.spec.img_hw, model.spec.in_chans)
     if data.num_classes != model.num_classes:
         raise ValueError(f"the data {data.name} has {data.num_classes} classes but the model predicts "

@@ -209,7 +209,9 @@ def wrap_model(model: nn.Module, ctx: DistContext, device: torch.device, fsdp: b
             raise ValueError("--fsdp needs several processes: torchrun --nproc_per_node=N -m hfactory train ...")
         from torch.distributed.fsdp import fully_shard
 
-        for stage in model.stages:
+        # Stages are sharded one by one; a model without stages (SFT, whose codecs run through
+        # forward_step rather than their own forward, which FSDP's hooks need) as one unit.
+        for stage in getattr(model, "stages", ()):
             fully_shard(stage)
         fully_shard(model)
         return model

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..encoder import HierarchicalEncoder, spec_hash
+from ..encoder import build_model, spec_hash
 from ..spec.model import EncoderSpec
 from . import checkpoint as ckpt
 from . import TrainConfig
@@ -245,7 +245,7 @@ def _train(spec: EncoderSpec, out: Path, config: TrainConfig, resume: bool, ctx:
         D.log_main(ctx, message)
 
     torch.manual_seed(config.seed)
-    model = HierarchicalEncoder(spec).to(device)
+    model = build_model(spec).to(device)  # an encoder, or an SFT for an SFT spec
     hash_ = spec_hash(spec)
     n_params = sum(p.numel() for p in model.parameters())
     found = ckpt.find_checkpoint(out) if resuming else None
