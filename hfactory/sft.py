@@ -233,6 +233,10 @@ class SFTEncoder(nn.Module):
 
     @property
     def feature_info(self) -> list[dict]:
+        """timm-style, one entry per level (``num_chs``, ``reduction``). ``module`` is a label,
+        ``levels.<i>``, not a module path as in :class:`~hfactory.encoder.HierarchicalEncoder`:
+        a level is refined by several codecs over the passes, so no one module outputs it; take
+        the levels with :meth:`forward_intermediates`."""
         return [dict(num_chs=lv.chs, reduction=lv.reduction[0], module=f"levels.{lv.index}") for lv in self.plan.levels]
 
     def _pos(self, grid: tuple[int, ...], dim: int, ref: torch.Tensor) -> torch.Tensor:
