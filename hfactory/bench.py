@@ -153,9 +153,9 @@ def bench(spec, vs: Optional[str] = None, batch: int = 8, img_size: Optional[tup
             spec does not fit ``img_size``.
     """
     from .encoder import build_encoder
+    from .summary import check_batch
 
-    if batch < 1:
-        raise ValueError(f"--batch {batch}: must be >= 1")
+    check_batch(batch)
     overrides = {"img_size": list(img_size)} if img_size is not None else {}
     torch.manual_seed(0)
     dev = torch.device(device)

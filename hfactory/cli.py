@@ -47,20 +47,15 @@ def _load(spec_arg, sets: list[str] | None = None, sft: bool = False):
     ``sft`` (commands that take SFT specs too: train, summary) a file with ``levels`` gives an
     :class:`~hfactory.spec.sft.SFTSpec`; other commands refuse it naming the ones that take it."""
     from .presets import resolve_spec_arg
-    from .spec.io import SpecKindError, load_any_spec
+    from .spec.io import load_any_spec
     from .spec.model import EncoderSpec
     from .spec.sft import SFTSpec
     from .spec.variants import parse_assignment
 
     if isinstance(spec_arg, (EncoderSpec, SFTSpec)):
         spec = spec_arg
-    elif sft and (Path(spec_arg).suffix in (".yaml", ".yml", ".json") or Path(spec_arg).exists()):
-        spec = load_any_spec(Path(spec_arg))
-    else:
-        try:
-            spec = resolve_spec_arg(spec_arg)
-        except SpecKindError as err:
-            raise SpecKindError(f"{err} hfactory train and hfactory summary take SFT specs too.") from None
+    else:  # without sft, an SFT file fails naming the commands that take one (load_spec's SpecKindError)
+        spec = resolve_spec_arg(spec_arg, loader=load_any_spec if sft else None)
     if sets:
         if isinstance(spec, SFTSpec):
             raise ValueError("--set changes encoder specs (stages.*); edit the SFT spec's YAML instead")

@@ -40,7 +40,7 @@ from .spec.io import SpecSource, dump_spec, load_spec
 from .spec.model import EncoderSpec
 
 __all__ = ["HierarchicalEncoder", "build_encoder", "build_model", "from_pretrained", "load_model", "feature_take_indices",
-           "spec_hash"]
+           "spec_hash", "spec_hashes"]
 
 WEIGHTS_NAME = "model.safetensors"
 SPEC_NAME = "spec.yaml"
@@ -57,6 +57,24 @@ def spec_hash(spec: EncoderSpec) -> str:
     """
     text = json.dumps(_canonical(spec), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def spec_hashes(spec) -> set[str]:
+    """The hashes saved files may carry for ``spec``: :func:`spec_hash`, and the one hfactory
+    wrote before it hashed only non-default fields: SHA-256 of the full JSON dump, with a
+    ``lineage`` in its first format (``base``, one merged ``changes``, one ``rule``), which a
+    lineage read from such a file converts back to."""
+    from pydantic_core import to_json
+
+    legacy = spec.model_dump()
+    lineage = getattr(spec, "lineage", None)
+    if lineage is not None:
+        changes = [s.changes for s in lineage.steps if s.changes is not None]
+        rules = [s.rule for s in lineage.steps if s.rule is not None]
+        if len(changes) <= 1 and len(rules) <= 1:
+            legacy["lineage"] = {"base": lineage.base, "changes": changes[0] if changes else {},
+                                 "rule": rules[0] if rules else None}
+    return {spec_hash(spec), hashlib.sha256(to_json(legacy)).hexdigest()[:16]}
 
 
 def _canonical(value):
@@ -537,7 +555,7 @@ def load_model_dir(directory: Union[str, os.PathLike], build: Callable[[Path], n
     model = build(directory / SPEC_NAME)
     with safe_open(str(directory / WEIGHTS_NAME), "pt") as f:
         saved = (f.metadata() or {}).get("spec_hash")
-    if saved is not None and saved != spec_hash(model.spec):
+    if saved is not None and saved not in spec_hashes(model.spec):
         raise ValueError(f"{directory / WEIGHTS_NAME} was saved for spec hash {saved}, but {directory / SPEC_NAME} "
                          f"hashes to {spec_hash(model.spec)}: the spec was changed after saving; restore it, or "
                          "build the new spec and load the weights with load_checked to convert deliberately")

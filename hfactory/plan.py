@@ -519,6 +519,12 @@ def crosses_units(slot: str, entry: dict, unit: Optional[tuple[int, int]] = None
     size-independent checks run. Components this function does not know are compatible when they
     accept the ``units`` layout (a component that does declares per-unit or set semantics)."""
     kind = entry["kind"]
+    norm = entry.get("norm")
+    if slot == "downsample" and isinstance(norm, dict) and "kind" in norm:
+        # a downsampler's own norm (pre- or post-) runs on the same tokens: it must stay in units too
+        reason = crosses_units("norm", norm, unit, grid)
+        if reason is not None:
+            return f"its norm: {reason}"
     if slot == "token_mixer":
         if entry.get("rotary"):
             return ("rotary embeddings number tokens by their index in the flattened sequence, which changes "

@@ -327,10 +327,9 @@ def summarize_sft(spec: SFTSpec, batch: int = 1) -> dict:
     Raises:
         ValueError: ``batch < 1``; PlanError: the spec does not plan.
     """
-    from .summary import OTHER, count_macs, saved_activation_bytes
+    from .summary import OTHER, check_batch, count_macs, saved_activation_bytes
 
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"--batch {batch}: must be >= 1")
+    check_batch(batch)
     plan = resolve_sft(spec)
     with torch.device("meta"):
         model = SFTEncoder(spec, plan)

@@ -203,6 +203,12 @@ def saved_activation_bytes(model: nn.Module, images: torch.Tensor, parts: Option
     return saved | {"total": sum(saved.values())}
 
 
+def check_batch(batch) -> None:
+    """Raise ValueError unless ``batch`` (images per measured forward) is an integer >= 1."""
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"--batch {batch!r}: must be an integer >= 1 (images per measured forward)")
+
+
 def summarize(spec, batch: int = 1) -> dict:
     """Per-stage numbers of ``spec`` (an :class:`EncoderSpec`), measured on the meta device.
 
@@ -225,8 +231,7 @@ def summarize(spec, batch: int = 1) -> dict:
     from .encoder import HierarchicalEncoder
     from .plan import resolve
 
-    if batch < 1:
-        raise ValueError(f"--batch {batch}: must be >= 1")
+    check_batch(batch)
     tick = time.perf_counter()
     plan = resolve(spec)
     with torch.device("meta"):

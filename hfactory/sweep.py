@@ -90,8 +90,7 @@ def expand_grid(spec: EncoderSpec, grid: Mapping[str, list]) -> list[tuple[str, 
             name = next(f"{name}-{k}" for k in itertools.count(2) if f"{name}-{k}" not in taken)
         taken.add(name)
         variant = scale(spec, rule) if rule else spec
-        variant = variant.with_changes(paths) if paths else variant
-        variant = variant.model_copy(update={"name": name})
+        variant = variant.with_changes({**paths, "name": name})  # the rename is a recorded step too
         resolve(variant)
         out.append((name, variant))
     return out
@@ -147,10 +146,10 @@ def sweep(spec: EncoderSpec, grid: Mapping[str, list], batch: int = 1) -> list[d
         ValueError: ``batch`` < 1; a bad grid (see :func:`expand_grid`).
         OverrideError / pydantic.ValidationError / PlanError: a variant that is not a valid spec.
     """
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
     from .encoder import HierarchicalEncoder
-    from .summary import count_macs, saved_activation_bytes, summarize
+    from .summary import check_batch, count_macs, saved_activation_bytes, summarize
+
+    check_batch(batch)
 
     cache: dict[str, tuple[int, int, int]] = {}
     rows = []

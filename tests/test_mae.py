@@ -109,6 +109,8 @@ def test_spec_without_mask_units_is_incompatible():
     ({"downsample": {"kind": "q_pool", "q_stride": 8}}, "stages.1.downsample", "does not divide the mask unit"),
     ({"downsample": {"kind": "max", "kernel_size": 3, "stride": 2, "padding": 1}}, "stages.1.downsample",
      "max 3x3/s2/p1 reads neighbouring tokens across mask-unit borders"),
+    ({"downsample": {"kind": "avg", "kernel_size": 2, "stride": 2, "padding": 0, "norm": "groupnorm"}},
+     "stages.1.downsample", "its norm: groupnorm normalises over the whole map"),
 ])
 def test_components_that_cross_units_fail_in_the_plan(stage1, loc, words):
     """In the units layout, a grid component runs inside each unit only if it stays there; the
@@ -240,7 +242,7 @@ def test_mask_ratio_out_of_range_and_too_high():
     for bad in (-0.1, 0.0, 1.0, 1.5, True, float("nan"), "0.5"):
         with pytest.raises(ValueError, match=r"mask_ratio must be a number in \(0, 1\)"):
             model(x, mask_ratio=bad)
-    with pytest.raises(ValueError, match=r"keeps none of the 16 mask units; use a ratio in \[0.0625, 0.9375\]"):
+    with pytest.raises(ValueError, match=r"keeps none of the 16 mask units; use a ratio in \(0, 0.9375\]"):
         model(x, mask_ratio=0.99)
     with pytest.raises(ValueError, match=r"masks none \(the loss is over masked units only\) of the 16 mask units"):
         model(x, mask_ratio=1e-17)  # 1 - 1e-17 rounds to 1.0: all 16 kept
@@ -432,7 +434,7 @@ def test_pretrain_refuses_bad_input(tiny_mae_spec, tmp_path, capsys):
         assert main(["pretrain", str(tiny_mae_spec), "--out", str(tmp_path / "r"), "--mask-ratio", bad]) == 2
         assert f"--mask-ratio {bad} is out of range; it must be in (0, 1)" in capsys.readouterr().err
     assert main(["pretrain", str(tiny_mae_spec), "--out", str(tmp_path / "r"), "--mask-ratio", "0.99"]) == 2
-    assert "keeps none of the 16 mask units; use a ratio in [0.0625, 0.9375]" in capsys.readouterr().err
+    assert "keeps none of the 16 mask units; use a ratio in (0, 0.9375]" in capsys.readouterr().err
     assert not (tmp_path / "s").exists() and not (tmp_path / "r").exists()
     assert main(["train", str(tiny_mae_spec), "--out", str(tmp_path / "t"), "--init-from", str(tmp_path / "none"),
                  "--no-progress"]) == 2

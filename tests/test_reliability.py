@@ -239,6 +239,34 @@ def test_spec_hash_ignores_default_fields_so_a_later_version_loads_old_checkpoin
     assert spec_hash(pooled) != spec_hash(plain)
 
 
+def test_files_saved_with_the_first_hash_and_lineage_format_still_load(tmp_path):
+    """Before spec_hash covered non-default fields only (and lineage recorded steps), hfactory
+    wrote SHA-256 of the full dump and lineage {base, changes, rule}. The two hashes below were
+    written by that code (commit 6d5504a) for caformer_s18 and for it with stages.3.depth = 2."""
+    from hfactory.encoder import load_model, save_model_dir, spec_hashes
+
+    plain = load_preset("caformer_s18")
+    assert "d3883d15d1d0f967" in spec_hashes(plain)
+    old = plain.with_changes({"stages.3.depth": 2}).model_dump(mode="json", exclude_none=True)
+    old["lineage"] = {"base": "caformer_s18", "changes": {"stages.3.depth": 2}}  # the first format
+    variant = load_spec(old)
+    assert [s.changes for s in variant.lineage.steps] == [{"stages.3.depth": 2}]
+    assert "45838fd6ea3f1f0e" in spec_hashes(variant)
+    # a save_pretrained directory whose weights carry an old-format hash loads
+    model = small_model()
+    directory = save_model_dir(model, tmp_path / "m")
+    legacy = next(h for h in spec_hashes(model.spec) if h != spec_hash(model.spec))
+    from safetensors.torch import save_file
+
+    save_file(load_file(str(directory / WEIGHTS_NAME)), str(directory / WEIGHTS_NAME),
+              metadata={"spec_hash": legacy, "format": "pt"})
+    assert load_model(directory).spec == model.spec
+    save_file(load_file(str(directory / WEIGHTS_NAME)), str(directory / WEIGHTS_NAME),
+              metadata={"spec_hash": "0123456789abcdef", "format": "pt"})
+    with pytest.raises(ValueError, match="was saved for spec hash 0123456789abcdef"):
+        load_model(directory)
+
+
 def test_a_writer_killed_mid_write_leaves_a_complete_checkpoint(tmp_path):
     """SIGKILL a real process saving ~34 MB checkpoints (save_checkpoint and save_pretrained, each
     file atomic) at random moments, 4 times: every time the directory holds one complete

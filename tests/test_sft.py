@@ -257,9 +257,9 @@ def test_sft_through_the_cli_summary_train_eval(tmp_path, capsys):
     with FlopCounterMode(display=False) as counter, torch.no_grad(), attention_backend("math"):
         model(torch.zeros(1, 1, 16, 16))  # a real forward, attention as matmuls (the summary's definition)
     assert summary["total"]["gmacs"] == pytest.approx(counter.get_total_flops() / 2 / 1e9, rel=1e-6)
-    parts = [summary["stem"], summary["head"], *summary["transitions"]]
-    assert sum(p["gmacs"] for p in parts) == pytest.approx(summary["total"]["gmacs"], rel=1e-9)
+    # the codecs' own work is attributed to them (not left to the head's remainder)
     assert all(t["gmacs"] > 0 and t["activation_bytes"] > 0 for t in summary["transitions"])
+    assert summary["head"]["gmacs"] < 0.01 * summary["total"]["gmacs"]
     assert [lv["tokens"] for lv in summary["levels"]] == [64, 16, 4]
     assert main(["summary", EXAMPLE]) == 0 and "codec 0->1" in capsys.readouterr().out
 
@@ -273,4 +273,4 @@ def test_sft_through_the_cli_summary_train_eval(tmp_path, capsys):
     assert main(["summary", EXAMPLE, "--set", "n_passes=1"]) == 2
     assert "--set changes encoder specs" in capsys.readouterr().err
     assert main(["sweep", EXAMPLE, "--grid", "n_passes=1,2"]) == 2
-    assert "hfactory train and hfactory summary take SFT specs too" in capsys.readouterr().err
+    assert "hfactory train, eval and summary take either" in capsys.readouterr().err

@@ -78,11 +78,16 @@ def test_replaying_the_lineage_rebuilds_every_chain_of_steps():
         base.with_changes({"stages.0.depth": 5}).with_changes({"stages.*.depth": 2, "stages.0.depth": 7}),
         scale(base.with_changes({"stages.3.depth": 4}), {"depth_multiplier": 2}),
         scale(base, {"width_multiplier": 1.5}).with_changes({"stages.2.token_mixer.kind": "pooling"}),
+        scale(base, {"depth_multiplier": [1, 1, 3, 1]}, name="renamed"),
     ]
     assert [_depths(c) for c in chains[:3]] == [[12, 12, 36, 12], [7, 2, 2, 2], [6, 6, 18, 8]]
     for spec in chains:
         again = hfactory.load_spec(hfactory.dump_spec(spec))  # as read back from a checkpoint
         assert replay_lineage(again) == spec
+    from hfactory.sweep import expand_grid
+
+    for name, variant in expand_grid(base, {"stages.2.depth": [6], "embedding_scale": [1.25]}):
+        assert replay_lineage(hfactory.load_spec(hfactory.dump_spec(variant))) == variant and variant.name == name
     with pytest.raises(ValueError, match="has no lineage"):
         replay_lineage(base)
     with pytest.raises(ValueError, match="'mine' is not a preset; pass the base spec"):
@@ -216,7 +221,7 @@ def test_sweep_rows_equal_whole_model_summaries_for_every_family(name):
     assert (row["params"], row["activation_bytes"]) == (whole["params"], whole["activation_bytes"])
     assert row["gmacs"] == pytest.approx(whole["gmacs"], rel=1e-9)
     for bad in (0, -1, 1.5):
-        with pytest.raises(ValueError, match="batch must be an integer >= 1"):
+        with pytest.raises(ValueError, match="must be an integer >= 1"):
             sweep(spec, {"drop_rate": [0.0]}, batch=bad)
 
 

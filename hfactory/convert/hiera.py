@@ -55,7 +55,11 @@ def from_package_keys(state_dict: Mapping[str, torch.Tensor]) -> dict:
 
 def _raster_grid(n: int, grid: tuple[int, int]) -> tuple[int, int] | None:
     """The grid of a ``(1, n, C)`` raster-order embedding: the model's ``grid`` when ``n`` fits it, else
-    a square one, else None (a non-square source grid cannot be told from ``n`` alone)."""
+    a square one, else None (a non-square source grid cannot be told from ``n`` alone).
+
+    Limit: a non-square source grid whose token count is a perfect square (e.g. 64x16 = 1024
+    tokens, from a model built at 256x64) is taken as square (32x32), as timm's loaders assume
+    too; give such an embedding channels-first ``(1, C, H, W)``, which carries its grid."""
     if n == grid[0] * grid[1]:
         return tuple(grid)
     side = math.isqrt(n)

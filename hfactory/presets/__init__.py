@@ -44,11 +44,16 @@ def load_preset(name: str) -> EncoderSpec:
     return load_spec(preset_path(name))
 
 
-def resolve_spec_arg(arg: str) -> EncoderSpec:
-    """A command-line spec argument: a YAML/JSON path, or else a preset name."""
+def resolve_spec_arg(arg: str, loader=None) -> EncoderSpec:
+    """A command-line spec argument: a YAML/JSON path (read by ``loader``, default
+    :func:`hfactory.load_spec`), or else a preset name.
+
+    Raises:
+        as ``loader`` for a path; ValueError for an unknown preset name (the closest are named).
+    """
     path = Path(arg)
     if path.suffix in (".yaml", ".yml", ".json") or path.exists():
-        return load_spec(path)
+        return (loader or load_spec)(path)
     return load_preset(arg)
 
 

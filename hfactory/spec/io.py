@@ -121,9 +121,10 @@ def load_spec(source: SpecSource) -> EncoderSpec:
     document = read_spec_document(source)
     if _is_sft(document):
         where = f"{source}: " if isinstance(source, (str, os.PathLike)) and "\n" not in str(source) else ""
-        raise SpecKindError(f"{where}this is an SFT spec (it has 'levels', not 'stages'); encoder specs, "
-                            "build_encoder and the hfactory commands take 'stages'. Build it with "
-                            "hfactory.sft.build_sft(spec) (README, 'SFT').")
+        raise SpecKindError(f"{where}this is an SFT spec (it has 'levels', not 'stages'); load_spec, "
+                            "build_encoder and from_pretrained take encoder specs. Build an SFT with "
+                            "hfactory.sft.build_sft(spec), reload a saved one with hfactory.encoder.load_model("
+                            "directory); hfactory train, eval and summary take either (README, 'SFT').")
     return EncoderSpec.model_validate(document)
 
 

@@ -22,6 +22,7 @@ the first offending stage and component (:func:`hfactory.plan.mae_verdict`).
 
 from __future__ import annotations
 
+import math
 import numbers
 
 from dataclasses import dataclass
@@ -93,8 +94,10 @@ def check_mask_ratio(mask_ratio: float, num_units: int) -> int:
     keep = int(num_units * (1 - float(mask_ratio)))
     if not 1 <= keep < num_units:
         what = "keeps none" if keep < 1 else "masks none (the loss is over masked units only)"
+        # the largest ratio that keeps one unit is 1 - 1/U; shown rounded down so it still works
+        top = math.floor((1 - 1 / num_units) * 1e4) / 1e4
         raise ValueError(f"mask_ratio {float(mask_ratio)} {what} of the {num_units} mask units; use a ratio in "
-                         f"[{1 / num_units:.4f}, {1 - 1 / num_units:.4f}]")
+                         f"(0, {top:.4f}]")
     return keep
 
 

@@ -129,6 +129,17 @@ class Lineage(StrictModel):
     base: Optional[str] = None
     steps: list[LineageStep] = Field(default_factory=list)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _from_the_first_format(cls, data):
+        """Specs saved before steps were recorded have ``changes`` and ``rule``; read them as
+        steps (that format kept no order: its one rule is taken as applied last)."""
+        if isinstance(data, dict) and ("changes" in data or "rule" in data) and "steps" not in data:
+            data = dict(data)
+            changes, rule = data.pop("changes", None), data.pop("rule", None)
+            data["steps"] = ([{"changes": changes}] if changes else []) + ([{"rule": rule}] if rule else [])
+        return data
+
 
 class EncoderSpec(StrictModel):
     """A hierarchical encoder: image geometry, stages, model-wide defaults and the head.

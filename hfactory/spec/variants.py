@@ -166,8 +166,9 @@ def _record(data: dict, spec: EncoderSpec, step: dict) -> None:
 
 def replay_lineage(spec: EncoderSpec, base: Optional[EncoderSpec] = None) -> EncoderSpec:
     """Rebuild ``spec`` from its lineage: the base (default: the preset named ``lineage.base``)
-    with the recorded steps applied in order. The result equals ``spec`` (name included when no
-    step renamed it), which a test checks for chains of changes and rules.
+    with the recorded steps applied in order. The result equals ``spec``, name included
+    (``scale(..., name=...)`` and sweep variants record their names as steps), which a test
+    checks for chains of changes, rules and renames.
 
     Raises:
         ValueError: ``spec`` has no lineage, or no ``base`` is given and ``lineage.base`` is not a
@@ -307,9 +308,10 @@ def scale(spec: EncoderSpec, rule: Union[ScalingRule, Mapping[str, Any]], name: 
     elif rule.pooling is not None:
         raise OverrideError("pooling", "is the downsampler of the stages that pooling_stages makes; set "
                             "pooling_stages too (or change stages.*.downsample with with_changes)")
-    if name is not None:
-        data["name"] = name
     _record(data, spec, {"rule": rule.model_dump(mode="json", exclude_defaults=True)})
+    if name is not None:  # recorded as a step, so replay_lineage gives the same name
+        data["name"] = name
+        _record(data, spec, {"changes": {"name": name}})
     scaled = EncoderSpec.model_validate(data)
     resolve(scaled)
     return scaled

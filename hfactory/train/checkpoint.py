@@ -27,7 +27,7 @@ from typing import Any, Optional
 import torch
 
 from ..atomic import atomic_path
-from ..encoder import SPEC_NAME, WEIGHTS_NAME, spec_hash
+from ..encoder import SPEC_NAME, WEIGHTS_NAME, spec_hash, spec_hashes
 from ..spec.io import dump_spec, load_any_spec
 from ..spec.model import EncoderSpec
 
@@ -85,7 +85,7 @@ def check_out_dir(out: Path, spec: EncoderSpec, resume: bool) -> bool:
         if resume:
             raise ValueError(f"--resume: {out} holds no run to resume; leave out --resume to start one")
         return False
-    if recorded != want:
+    if recorded != want and recorded not in spec_hashes(spec):
         raise ValueError(f"{out} already holds a run of another spec (spec hash {recorded}, this spec is {want}); "
                          "choose another --out; nothing was overwritten")
     if not resume:
@@ -169,9 +169,11 @@ def load_checkpoint(path: Path, model: torch.nn.Module, expected_hash: str) -> d
     state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
     with safe_open(str(path / WEIGHTS_NAME), "pt") as f:
         meta = f.metadata() or {}
-    found = {state.get("spec_hash"), meta.get("spec_hash"), spec_hash(load_any_spec(path / SPEC_NAME))}
-    if found != {expected_hash}:
-        raise ValueError(f"checkpoint {path} was written for spec hash(es) {sorted(map(str, found))}, "
+    saved_spec = load_any_spec(path / SPEC_NAME)
+    recorded = {state.get("spec_hash"), meta.get("spec_hash")}
+    if spec_hash(saved_spec) != expected_hash or not recorded <= spec_hashes(saved_spec):
+        found = sorted(map(str, recorded | {spec_hash(saved_spec)}))
+        raise ValueError(f"checkpoint {path} was written for spec hash(es) {found}, "
                          f"but this spec hashes to {expected_hash}; it cannot be resumed with this spec")
     if meta.get("step") != str(state["step"]):
         raise ValueError(f"checkpoint {path}: weights are from step {meta.get('step')} but the optimizer state "
@@ -201,14 +203,15 @@ def checked_model_dir(path: Path) -> Path:
     if model_dir is None:
         raise FileNotFoundError(f"no saved model in {path}: expected {SPEC_NAME} and {WEIGHTS_NAME} there, "
                                 f"or a run directory with {MODEL_DIR}/ or {CHECKPOINT_DIR}/")
-    actual = spec_hash(load_any_spec(model_dir / SPEC_NAME))
+    saved_spec = load_any_spec(model_dir / SPEC_NAME)
+    actual, accepted = spec_hash(saved_spec), spec_hashes(saved_spec)
     with safe_open(str(model_dir / WEIGHTS_NAME), "pt") as f:
         saved = (f.metadata() or {}).get("spec_hash")
-    if saved is not None and saved != actual:
+    if saved is not None and saved not in accepted:
         raise ValueError(f"{model_dir / WEIGHTS_NAME} was saved for spec hash {saved}, but {model_dir / SPEC_NAME} "
                          f"hashes to {actual}: the spec was changed after saving; restore it or retrain")
     run = read_run(path)
-    if run is not None and run["spec_hash"] != actual:
+    if run is not None and run["spec_hash"] not in accepted:
         raise ValueError(f"{model_dir} holds a model of spec hash {actual}, but the run in {path} is of spec "
                          f"hash {run['spec_hash']}")
     return model_dir
