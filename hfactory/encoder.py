@@ -39,8 +39,8 @@ from .plan import Plan, resolve
 from .spec.io import SpecSource, dump_spec, load_spec
 from .spec.model import EncoderSpec
 
-__all__ = ["HierarchicalEncoder", "build_encoder", "build_model", "from_pretrained", "load_model", "feature_take_indices",
-           "spec_hash", "spec_hashes"]
+__all__ = ["HierarchicalEncoder", "build_encoder", "build_model", "from_pretrained", "load_model",
+           "feature_take_indices", "spec_hash", "spec_hashes"]
 
 WEIGHTS_NAME = "model.safetensors"
 SPEC_NAME = "spec.yaml"

@@ -1,8 +1,8 @@
-"""Resize resolution-dependent weights on load (bicubic), so weights trained at one resolution
-load into a model built for another: learned position embeddings ``(1, H, W, C)`` (as timm's
-``resample_abs_pos_embed``: bicubic with antialias), 1-D ones ``(1, N, C)`` (linear) and Swin's relative-position bias tables
-``((2*Wh-1)*(2*Ww-1), heads)`` (bicubic, Swin's recipe in ``get_started.md``, "fine-tuning on
-higher resolution"; per axis for non-square windows).
+"""Resize resolution-dependent weights on load, so weights trained at one resolution load into
+a model built for another: learned position embeddings ``(1, H, W, C)`` (as timm's
+``resample_abs_pos_embed``: bicubic with antialias), 1-D ones ``(1, N, C)`` (linear) and Swin's
+relative-position bias tables ``((2*Wh-1)*(2*Ww-1), heads)`` (bicubic, Swin's recipe in
+``get_started.md``, "fine-tuning on higher resolution"; per axis for non-square windows).
 
 Clamped windows versus resized tables (Swin): a model built at one size and *run* on smaller
 inputs is not the same function as a model *built* for the smaller size from the same weights.

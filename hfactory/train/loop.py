@@ -178,6 +178,8 @@ def evaluate(model: nn.Module, dataset, batch_size: int = 256, amp: bool = False
 def train(spec: EncoderSpec, out: str | os.PathLike, config: Optional[TrainConfig] = None,
           resume: bool = False, init_from: Optional[str | os.PathLike] = None) -> dict:
     """Train ``spec`` on ``config.data`` and write the run into ``out`` (layout: :mod:`.checkpoint`).
+    ``spec`` is an :class:`EncoderSpec`, or an :class:`~hfactory.spec.sft.SFTSpec` (the model is
+    :func:`hfactory.encoder.build_model`'s).
 
     Evaluates on the test split after every epoch, appends a line to ``out/metrics.jsonl``,
     and saves a checkpoint; at the end saves the model to ``out/model`` (``save_pretrained``)
