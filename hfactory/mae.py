@@ -204,10 +204,11 @@ class MaskedAutoencoder(nn.Module):
             mask = self.get_random_mask(x, self.mae_spec.mask_ratio if mask_ratio is None else mask_ratio)
         elif mask_ratio is not None:
             check_mask_ratio(mask_ratio, self.num_mask_units(tuple(x.shape[2:])))
-        maps = self.encoder.forward_intermediates(x, mask=mask, intermediates_only=True)  # checks the mask
-        if not torch.compiler.is_compiling() and bool(mask.all(dim=1).any()):
+        if (not torch.compiler.is_compiling() and isinstance(mask, torch.Tensor) and mask.dtype == torch.bool
+                and mask.ndim == 2 and bool(mask.all(dim=1).any())):  # before the forward; the encoder checks the rest
             raise ValueError(f"mask keeps all {mask.shape[1]} mask units of a sample; the MAE loss is taken over "
                              "masked units, so every sample must mask at least one")
+        maps = self.encoder.forward_intermediates(x, mask=mask, intermediates_only=True)
         latent = maps[-1]
         for head, i in zip(self.multi_scale_fusion_heads, self.fusion_stages):
             t = maps[i]
