@@ -75,6 +75,21 @@ def test_bad_model_level_values():
     assert "drop_path_rate" in locs(errors_of({"drop_path_rate": 1.5, "stages": [{"embedding": 8}]}))
 
 
+def test_booleans_are_refused_where_numbers_go_and_taken_where_a_field_allows_them():
+    """pydantic's lax mode reads true as 1: `depth: true` would build one block."""
+    for stage, loc, word in [({"embedding": 8, "depth": True}, "stages.0.depth", "true"),
+                             ({"embedding": False}, "stages.0.embedding", "false"),
+                             ({"embedding": 8, "token_mixer": {"kind": "pooling", "pool_size": True}},
+                              "stages.0.token_mixer.pool_size", "true")]:
+        errs = errors_of({"stages": [stage]})
+        assert [e["msg"] for e in errs if ".".join(map(str, e["loc"])) == loc] == [
+            f"expected a number, got the boolean {word}"]
+    assert "img_size" in locs(errors_of({"img_size": True, "stages": [{"embedding": 8}]}))
+    spec = load_spec({"head_norm_first": True, "stages": [{"embedding": 8, "layer_scale": False,
+                                                           "token_mixer": {"kind": "attention", "qkv_bias": False}}]})
+    assert spec.head_norm_first is True and spec.stages[0].layer_scale is False
+
+
 def test_xformers_aliases_and_patch_shorthand():
     spec = load_spec({"stages": [{"embedding": 64, "repeat_layer": 3, "attention_mechanism": "pooling",
                                   "normalization": "groupnorm", "patch_size": 4}]})

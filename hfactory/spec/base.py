@@ -7,9 +7,10 @@ a test checks that validating and planning never import torch).
 from __future__ import annotations
 
 import difflib
+import typing
 from typing import Any, Iterable
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 __all__ = ["StrictModel", "did_you_mean", "located_error", "PlanError", "MAX_SIZE", "MAX_BLOCKS", "refuse_huge_ints"]
@@ -44,6 +45,17 @@ class StrictModel(BaseModel):
     # the spec hash use, cannot carry them); they are refused here, at their location.
     model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info) -> Any:
+        # pydantic's lax mode reads true as 1 and false as 0 for int and float fields, so a
+        # `depth: true` would build one block; a boolean is only taken where a field allows one.
+        if isinstance(value, bool) and info.field_name in cls.model_fields:
+            if not _allows_bool(cls.model_fields[info.field_name].annotation):
+                raise PydanticCustomError("bool_for_number", "expected a number, got the boolean {value}",
+                                          {"value": str(value).lower()})
+        return value
+
     @model_validator(mode="wrap")
     @classmethod
     def _explain_unknown_keys(cls, data: Any, handler):
@@ -72,6 +84,25 @@ class StrictModel(BaseModel):
                     e = _as_line_error(e)
                 rewritten.append(e)
             raise ValidationError.from_exception_data(err.title, rewritten) from None
+
+
+def _allows_bool(annotation: Any) -> bool:
+    """Whether a field annotated so can hold a bare boolean (``bool``, ``Any``, a Literal of
+    one, unions and ``Annotated`` of those; not ``int``, ``float`` or containers)."""
+    if annotation is bool or annotation is Any:
+        return True
+    if annotation is type(None):
+        return False
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return any(isinstance(a, bool) for a in typing.get_args(annotation))
+    if origin is typing.Annotated:
+        return _allows_bool(typing.get_args(annotation)[0])
+    if origin is typing.Union or type(annotation).__name__ == "UnionType":
+        return any(_allows_bool(a) for a in typing.get_args(annotation))
+    # a number, a string, a container, a nested model (which checks its own fields)
+    return not (annotation in (int, float) or (isinstance(annotation, type) and issubclass(annotation, (
+        int, float, str, list, tuple, dict, BaseModel))) or origin in (list, tuple, dict))
 
 
 def _accepted_keys(cls: type[BaseModel]) -> set[str]:
