@@ -21,22 +21,11 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
-from common import append_results, load_average
+from common import ROOT, append_results, load_average
 
-LARGE = """\
-name: large_attention
-img_size: 224
-num_classes: 1000
-defaults: {token_mixer: attention}
-stages:
-  - {embedding: 256, depth: 2}
-  - {embedding: 512, depth: 6}
-  - {embedding: 1024, depth: 36}
-  - {embedding: 2048, depth: 4}
-"""
+#: The spec, shared with tests/test_cli.py.
+LARGE = ROOT / "benchmarks" / "specs" / "large_attention.yaml"
 
 _MEASURE = """\
 import json, resource, subprocess, sys, time
@@ -61,8 +50,7 @@ def main() -> int:
     parser.add_argument("--write", action="store_true", help="append the snippet to benchmarks/RESULTS.md")
     args = parser.parse_args()
 
-    spec = Path(tempfile.mkdtemp(prefix="hfactory-large-")) / "large_attention.yaml"
-    spec.write_text(LARGE, encoding="utf-8")
+    spec = LARGE
     load_start = load_average()
     started = _dt.datetime.now(_dt.timezone.utc)
     base = [measure([sys.executable, "-c", "import torch, hfactory.encoder"]) for _ in range(args.repeats)]
@@ -89,7 +77,7 @@ def main() -> int:
         "## hfactory summary of a ~700M-parameter spec (meta device)",
         "",
         "`hfactory summary large_attention.yaml` for 4 stages of global attention, widths 256/512/1024/2048, "
-        f"depths 2/6/36/4, 224x224 (the spec is in `benchmarks/summary_large.py`), `--batch {args.batch}`. Each "
+        f"depths 2/6/36/4, 224x224 (the spec is `benchmarks/specs/large_attention.yaml`), `--batch {args.batch}`. Each "
         "command runs in a fresh process; peak RSS is the process's `ru_maxrss`; the baseline process only "
         f"imports torch and `hfactory.encoder`. Median of {args.repeats}.",
         "",

@@ -35,18 +35,8 @@ stages:
   - {embedding: 48, depth: 2, token_mixer: attention, num_heads: 2, pos_embed: learned}
 """
 
-# ~700M parameters, global attention in every stage (roughly hiera_huge-sized).
-LARGE = """\
-name: large_attention
-img_size: 224
-num_classes: 1000
-defaults: {token_mixer: attention}
-stages:
-  - {embedding: 256, depth: 2}
-  - {embedding: 512, depth: 6}
-  - {embedding: 1024, depth: 36}
-  - {embedding: 2048, depth: 4}
-"""
+# ~700M parameters, global attention in every stage (shared with benchmarks/summary_large.py).
+LARGE = ROOT / "benchmarks" / "specs" / "large_attention.yaml"
 
 
 @pytest.fixture()
@@ -166,9 +156,8 @@ def test_activation_memory_grows_with_batch_and_with_math_attention(tiny, tmp_pa
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the child's VmHWM from /proc (Linux)")
-def test_large_spec_summarises_fast_without_allocating(tmp_path):
-    spec = tmp_path / "large.yaml"
-    spec.write_text(LARGE, encoding="utf-8")
+def test_large_spec_summarises_fast_without_allocating():
+    spec = LARGE
     # Peak RSS of the child itself: VmHWM belongs to the new address space, whereas Linux carries
     # ru_maxrss across fork + exec, so it would report this (pytest) process's peak when larger.
     code = ("import json, sys; from hfactory.cli import main; main(['summary', sys.argv[1], '--json']); "
