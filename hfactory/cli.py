@@ -119,8 +119,10 @@ def cmd_summary(args: argparse.Namespace) -> int:
     downsampler, parameters, GMACs and activation memory, measured on the meta device."""
     from .summary import format_summary, summarize
 
+    from .spec.sft import SFTSpec
+
     spec = _load(args.spec, sft=True)
-    if not hasattr(spec, "stages"):  # an SFT spec
+    if isinstance(spec, SFTSpec):
         from .sft import format_sft_summary, summarize_sft
 
         summary = summarize_sft(spec, batch=args.batch)

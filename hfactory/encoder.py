@@ -501,7 +501,11 @@ def from_pretrained(directory: Union[str, os.PathLike], map_location: str = "cpu
 def build_model(spec) -> nn.Module:
     """The model of a validated spec: a :class:`HierarchicalEncoder` for an
     :class:`~hfactory.spec.model.EncoderSpec`, an :class:`~hfactory.sft.SFTEncoder` for an
-    :class:`~hfactory.spec.sft.SFTSpec` (both read by :func:`hfactory.spec.io.load_any_spec`)."""
+    :class:`~hfactory.spec.sft.SFTSpec` (both read by :func:`hfactory.spec.io.load_any_spec`).
+
+    Raises:
+        PlanError: the spec cannot be built (its location and what would be valid are named).
+    """
     from .spec.sft import SFTSpec
 
     if isinstance(spec, SFTSpec):

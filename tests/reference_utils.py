@@ -46,3 +46,22 @@ stages:
   - {embedding: 32, depth: 1, token_mixer: attention}
 mae: {decoder_embedding: 16, decoder_depth: 1, decoder_num_heads: 2, mask_ratio: 0.5}
 """
+
+
+def write_image_folder(root, labels=("a", "b"), sizes=(("train", 6), ("val", 2)), base=None, seed: int = 0):
+    """An ImageFolder tree ``root/<split>/<label>/<i>.png`` of 20x20 RGB images: ``sizes`` images
+    per label and split; pixels uniform in ``[0, 255)``, or ``base[label] + [0, 30)`` when
+    ``base`` maps labels to brightness (classes a model can tell apart)."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(seed)
+    for split, n in sizes:
+        for label in labels:
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for i in range(n):
+                if base is None:
+                    pixels = torch.randint(0, 255, (20, 20, 3), generator=gen)
+                else:
+                    pixels = base[label] + torch.randint(0, 30, (20, 20, 3), generator=gen)
+                Image.fromarray(pixels.to(torch.uint8).numpy()).save(folder / f"{i}.png")

@@ -27,7 +27,7 @@ from hfactory.layers.layout import units_to_grid
 from hfactory.mae import MaskedAutoencoder, mae_spec_of, patchify, random_mask
 from hfactory.spec.mae import MAESpec
 
-from reference_utils import TINY_MAE, assert_rel_close, randomize_
+from reference_utils import TINY_MAE, assert_rel_close, randomize_, write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -501,18 +501,9 @@ def test_pretrain_takes_set_and_the_checkpoint_records_the_lineage(tiny_mae_spec
 
 def test_pretrain_reads_an_image_folder_with_a_progress_bar(tiny_mae_spec, tmp_path, capsys):
     # The same data machinery as `hfactory train`: ImageFolder train/ and val/ (labels ignored).
-    from PIL import Image
-
     from hfactory.cli import main
 
-    gen = torch.Generator().manual_seed(0)
-    for split, n in (("train", 6), ("val", 2)):
-        for label in ("a", "b"):
-            folder = tmp_path / "data" / split / label
-            folder.mkdir(parents=True)
-            for i in range(n):
-                pixels = torch.randint(0, 255, (20, 20, 3), generator=gen).to(torch.uint8).numpy()
-                Image.fromarray(pixels).save(folder / f"{i}.png")
+    write_image_folder(tmp_path / "data")
     out = tmp_path / "out"
     assert main(["pretrain", str(tiny_mae_spec), "--data", str(tmp_path / "data"), "--out", str(out),
                  "--epochs", "1", "--batch-size", "4", "--workers", "0", "--threads", "1"]) == 0

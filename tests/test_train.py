@@ -188,17 +188,9 @@ def test_bad_data_dir_gives_clear_error(tiny_spec, tmp_path, capsys, layout):
 
 
 def test_image_folder_training(tiny_spec, tmp_path):
-    from PIL import Image
+    from reference_utils import write_image_folder
 
-    gen = torch.Generator().manual_seed(0)
-    for split, n in (("train", 6), ("val", 2)):
-        for label in ("dark", "light"):
-            folder = tmp_path / "data" / split / label
-            folder.mkdir(parents=True)
-            for i in range(n):
-                base = 40 if label == "dark" else 200
-                pixels = (base + torch.randint(0, 30, (20, 20, 3), generator=gen)).to(torch.uint8).numpy()
-                Image.fromarray(pixels).save(folder / f"{i}.png")
+    write_image_folder(tmp_path / "data", labels=("dark", "light"), base={"dark": 40, "light": 200})
     spec = tmp_path / "two.yaml"
     spec.write_text(TINY.replace("num_classes: 10", "num_classes: 2"), encoding="utf-8")
     out = tmp_path / "out"
