@@ -17,6 +17,8 @@ _LAZY = {
     "build_encoder": ".encoder",
     "from_pretrained": ".encoder",
     "MaskedAutoencoder": ".mae",
+    "build": ".models",
+    "load": ".models",
     "attention": ".layers.attention",
     "attention_backend": ".layers.attention",
 }

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import UsageError
+
 __all__ = ["BenchResult", "paired_timing", "reference_model", "bench", "format_bench"]
 
 
@@ -63,10 +65,10 @@ def paired_timing(calls: dict[str, Callable[[], None]], batch: int, rounds: int 
         a :class:`BenchResult` (times in seconds).
 
     Raises:
-        ValueError: ``rounds < 1`` or ``warmup < 0`` or not 1-2 callables.
+        UsageError (a ValueError): ``rounds < 1`` or ``warmup < 0`` or not 1-2 callables.
     """
     if rounds < 1 or warmup < 0 or not 1 <= len(calls) <= 2:
-        raise ValueError(f"rounds {rounds} must be >= 1, warmup {warmup} >= 0, and 1 or 2 models")
+        raise UsageError(f"rounds {rounds} must be >= 1, warmup {warmup} >= 0, and 1 or 2 models")
     sync = sync or (lambda: None)
     names = list(calls)
     for _ in range(warmup):
@@ -91,19 +93,19 @@ def reference_model(ref: str, num_classes: int, img_size: Optional[tuple[int, in
     those without the argument get none).
 
     Raises:
-        ValueError: ``ref`` is not ``timm:<name>``, timm is not installed, or timm has no such
-            model (with close names).
+        UsageError (a ValueError): ``ref`` is not ``timm:<name>``, timm is not installed, or timm
+            has no such model (with close names).
     """
     if not ref.startswith("timm:") or len(ref) <= 5:
-        raise ValueError(f"--vs {ref!r}: expected timm:<model name>, e.g. timm:poolformer_s12")
+        raise UsageError(f"--vs {ref!r}: expected timm:<model name>, e.g. timm:poolformer_s12")
     name = ref[5:]
     try:
         import timm
     except ImportError:
-        raise ValueError("--vs timm:... needs timm, which is not installed; pip install timm") from None
+        raise UsageError("--vs timm:... needs timm, which is not installed; pip install timm") from None
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
-        raise ValueError(f"timm has no model {name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
+        raise UsageError(f"timm has no model {name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
     kwargs = {"pretrained": False, "num_classes": num_classes}
     if img_size is not None:
         try:
@@ -149,8 +151,10 @@ def bench(spec, vs: Optional[str] = None, batch: int = 8, img_size: Optional[tup
         median; > 1: hfactory faster).
 
     Raises:
-        ValueError: bad arguments or reference (see :func:`reference_model`); PlanError: the
-            spec does not fit ``img_size``.
+        UsageError (a ValueError): bad arguments or reference (see :func:`reference_model`), or a
+            reference model that cannot run this input size; PlanError: the spec does not fit
+            ``img_size``. (hfactory's own model failing on an input its plan accepted is a bug,
+            raised as it is.)
     """
     from .encoder import build_encoder
     from .summary import check_batch
@@ -173,7 +177,10 @@ def bench(spec, vs: Optional[str] = None, batch: int = 8, img_size: Optional[tup
             with torch.no_grad():
                 model.eval()(images[:1])  # fail here, with the model named, not mid-timing
         except Exception as err:
-            raise ValueError(f"{name} cannot run a {tuple(images.shape[1:])} input: {err}") from None
+            if name == "hfactory":  # its plan accepted this size, so a failure is ours to fix
+                raise
+            # a reference model may take fixed sizes only (--img-size is the user's choice)
+            raise UsageError(f"{name} cannot run a {tuple(images.shape[1:])} input: {err}") from None
         calls[name] = _step(model, images, labels)
     sync = torch.cuda.synchronize if dev.type == "cuda" else None
     result = paired_timing(calls, batch, rounds, warmup, sync)

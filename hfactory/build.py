@@ -48,6 +48,14 @@ class Stage(nn.Module):
     """``downsample -> pos_embed -> [grid to units [-> keep units]] -> blocks``: ``(B, H, W, C_in)``
     (or units) to ``(B, H', W', C_out)`` (or units ``(B, U, uh', uw', C_out)``).
 
+    ``forward(x, sizes=None, keep=None) -> (x, sizes)``: the tokens and their token sizes
+    (:mod:`hfactory.layers.token_sizes`): ``sizes`` ``(B, N)`` float, or None when the tokens
+    carry none. The sizes going in are those of the previous stage's tokens; the sizes coming
+    out are those of this stage's tokens: made by a downsampler that emits them, kept through one
+    whose params model is ``identity``, else None. The blocks whose mixer takes sizes get them
+    (as an argument, also under activation checkpointing, so a recomputed block sees the sizes of
+    its own forward).
+
     ``keep`` (stage 0 of a units plan only): a bool ``(B, U)`` mask of the units to keep, the same
     number ``K`` per sample; the others are deleted right after the grid is cut into units, so the
     blocks see ``(B, K, uh, uw, C)`` and cost what ``K`` units cost (sparse MAE)."""
@@ -68,9 +76,22 @@ class Stage(nn.Module):
         self.grad_checkpointing = False
         # att0's clusters, appended after the tokens for the blocks to update (plan.carry)
         self.carry = build_component("downsample", plan.carry) if plan.carry is not None else None
+        # The token-sizes protocol (hfactory.layers.token_sizes), read once here from the modules'
+        # takes_token_sizes / emits_token_sizes: a module's forward signature is its own business,
+        # and a stage without sizes then does no per-call work for them. Sizes survive a
+        # downsampler that leaves the tokens as they are, which its params model says (identity).
+        self.downsample_takes_sizes = bool(getattr(self.downsample, "takes_token_sizes", False))
+        self.downsample_emits_sizes = bool(getattr(self.downsample, "emits_token_sizes", False))
+        self.downsample_keeps_sizes = bool(registry.get("downsample", plan.downsample["kind"]).params.identity)
 
-    def forward(self, x, keep: Optional[torch.Tensor] = None):
-        x = self.pos_embed(self.downsample(x))
+    def forward(self, x, sizes: Optional[torch.Tensor] = None, keep: Optional[torch.Tensor] = None):
+        if self.downsample_emits_sizes:
+            x, sizes = self.downsample(x, sizes) if self.downsample_takes_sizes else self.downsample(x)
+        else:
+            x = self.downsample(x)
+            if not self.downsample_keeps_sizes:
+                sizes = None  # new tokens, without sizes
+        x = self.pos_embed(x)
         if self.carry is not None:
             x = self.carry(x)
         if self.unit_size is not None:
@@ -79,9 +100,15 @@ class Stage(nn.Module):
                 x = x[keep].unflatten(0, (x.shape[0], -1))  # kept units, in ascending unit order
         if self.grad_checkpointing and x.requires_grad:
             for block in self.blocks:
-                x = checkpoint(block, x, use_reentrant=False)
-            return x
-        return self.blocks(x)
+                # the sizes are an argument, so the recomputation in backward sees these sizes
+                args = (x, sizes) if sizes is not None and block.takes_token_sizes else (x,)
+                x = checkpoint(block, *args, use_reentrant=False)
+            return x, sizes
+        if sizes is None:
+            return self.blocks(x), None
+        for block in self.blocks:
+            x = block(x, sizes) if block.takes_token_sizes else block(x)
+        return x, sizes
 
 
 def build_stages(plan: Plan) -> nn.ModuleList:

@@ -21,106 +21,27 @@ every architecture hfactory builds, where timm's models disagree:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 import torch
-from pydantic import BaseModel, TypeAdapter
 from torch import nn
 
-from .atomic import atomic_path
+from .errors import UsageError
 from .build import Stage, build_component, build_stages
+from .features import feature_take_indices
+# re-exported: hfactory.encoder was their home before hfactory.io
+from .io import SPEC_NAME, WEIGHTS_NAME, load_checked, load_model_dir, save_model_dir, spec_hash, spec_hashes  # noqa: F401
 from .layers.head import ClassifierHead, make_classifier
 from .layers.layout import units_to_grid
+from .layers.token_sizes import check_token_sizes
 from .plan import Plan, resolve
-from .spec.io import SpecSource, dump_spec, load_spec
-from .spec.model import EncoderSpec
+from .spec.io import SpecSource, load_spec
+from .spec.model import NO_NORM, EncoderSpec
 
-__all__ = ["HierarchicalEncoder", "build_encoder", "build_model", "from_pretrained", "load_model",
-           "feature_take_indices", "spec_hash", "spec_hashes"]
-
-WEIGHTS_NAME = "model.safetensors"
-SPEC_NAME = "spec.yaml"
-
-
-def spec_hash(spec: EncoderSpec) -> str:
-    """SHA-256 (hex, first 16 chars) of the spec's canonical JSON: every field that differs from
-    its default, components always with their ``kind``, keys sorted.
-
-    Fields left at their defaults do not enter the hash, so a later hfactory whose spec models gain
-    a field (with a default that keeps the old behaviour) still accepts the weights and
-    checkpoints saved before it; writing a default value out explicitly does not change the hash
-    either. Any non-default value does (architecture, lineage, name).
-    """
-    text = json.dumps(_canonical(spec), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def spec_hashes(spec) -> set[str]:
-    """The hashes saved files may carry for ``spec``: :func:`spec_hash`, and the one hfactory
-    wrote before it hashed only non-default fields: SHA-256 of the full JSON dump, with a
-    ``lineage`` in its first format (``base``, one merged ``changes``, one ``rule``), which a
-    lineage read from such a file converts back to."""
-    from pydantic_core import to_json
-
-    legacy = spec.model_dump()
-    lineage = getattr(spec, "lineage", None)
-    if lineage is not None:
-        changes = [s.changes for s in lineage.steps if s.changes is not None]
-        rules = [s.rule for s in lineage.steps if s.rule is not None]
-        if len(changes) <= 1 and len(rules) <= 1:
-            legacy["lineage"] = {"base": lineage.base, "changes": changes[0] if changes else {},
-                                 "rule": rules[0] if rules else None}
-    return {spec_hash(spec), hashlib.sha256(to_json(legacy)).hexdigest()[:16]}
-
-
-def _canonical(value):
-    """JSON-ready value of a spec part with default-valued fields left out (``kind`` kept)."""
-    if isinstance(value, BaseModel):
-        out = {}
-        for name, field in type(value).model_fields.items():
-            item = getattr(value, name)
-            if name == "kind" or field.is_required() or item != field.get_default(call_default_factory=True):
-                out[name] = _canonical(item)
-        return out
-    if isinstance(value, dict):
-        return {str(k): _canonical(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_canonical(v) for v in value]
-    if isinstance(value, (str, int, float, bool, type(None))):
-        return value
-    return TypeAdapter(type(value)).dump_python(value, mode="json")  # enums and the like
-
-
-def feature_take_indices(num_features: int, indices: Optional[Union[int, list[int], tuple[int, ...]]] = None
-                         ) -> tuple[list[int], int]:
-    """timm's ``feature_take_indices``: None = all, int n = last n, list = those (negatives allowed).
-
-    Returns:
-        ``(take_indices, max_index)`` with non-negative, sorted indices.
-
-    Raises:
-        ValueError: an index outside ``[-num_features, num_features)`` or ``n`` outside
-            ``[1, num_features]`` (timm silently drops such indices; we refuse them).
-    """
-    if indices is None:
-        take = list(range(num_features))
-    elif isinstance(indices, int):
-        if not 1 <= indices <= num_features:
-            raise ValueError(f"indices={indices}: take the last n stages with 1 <= n <= {num_features}")
-        take = list(range(num_features - indices, num_features))
-    else:
-        take = []
-        for i in indices:
-            if not -num_features <= i < num_features:
-                raise ValueError(f"index {i} out of range for {num_features} stages; valid: "
-                                 f"{-num_features}..{num_features - 1}")
-            take.append(i % num_features)
-        take = sorted(set(take))
-    return take, max(take)
+__all__ = ["HierarchicalEncoder", "build_encoder", "from_pretrained"]
 
 
 class HierarchicalEncoder(nn.Module):
@@ -136,17 +57,37 @@ class HierarchicalEncoder(nn.Module):
         norm: the final norm (before pooling if ``spec.head_norm_first``, else after).
         head: ``ClassifierHead`` (``fc`` is the classifier).
         feature_info: ``[dict(num_chs, reduction, module)]`` per stage.
+        last_token_sizes: sizes ``(B, N)`` of the final tokens of the last ``forward_features`` /
+            ``forward_intermediates`` call (None without merged tokens).
     """
 
-    def __init__(self, spec: EncoderSpec, plan: Optional[Plan] = None):
+    model_kind = "encoder"  # recorded in saved weights (hfactory.models reads it back)
+    #: layout of ``forward_features`` (timm's attribute: its tests, ``features_only`` wrappers and
+    #: smp read it); ``forward_intermediates`` gives NCHW by default too
+    output_fmt = "NCHW"
+    #: sizes ``(B, N)`` of the final tokens of the last forward_features / forward_intermediates
+    #: call on this instance (None without merged tokens); forward_head falls back to them
+    last_token_sizes: Optional[torch.Tensor] = None
+
+    def __init__(self, spec: EncoderSpec, plan: Optional[Plan] = None, *,
+                 device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None):
+        """Build ``spec`` (with its resolved ``plan``, resolved here when None).
+
+        ``device`` / ``dtype`` (timm's factory arguments): the parameters and buffers are created
+        on ``device`` (``"meta"`` allocates nothing) and then cast to the floating ``dtype``;
+        default: torch's current default device, float32.
+        """
         super().__init__()
         self.spec = spec
         self.plan = plan or resolve(spec)
-        self.stages = build_stages(self.plan)
-        self.norm = build_component("norm", self.plan.head_norm)
-        self.head = ClassifierHead(self.plan.num_features, self.plan.num_classes, self.plan.global_pool,
-                                   self.plan.drop_rate, self.plan.head)
-        self.apply(_init_weights)
+        with torch.device(device) if device is not None else nullcontext():
+            self.stages = build_stages(self.plan)
+            self.norm = build_component("norm", self.plan.head_norm)
+            self.head = ClassifierHead(self.plan.num_features, self.plan.num_classes, self.plan.global_pool,
+                                       self.plan.drop_rate, self.plan.head)
+            self.apply(_init_weights)
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)  # also buffers a layer made on an explicit device
         self.set_attn_backend(self.plan.attn_backend)
 
     # -- timm model attributes -------------------------------------------------------------
@@ -177,7 +118,7 @@ class HierarchicalEncoder(nn.Module):
     # -- forward ----------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.spec.in_chans:
-            raise ValueError(f"expected images (B, {self.spec.in_chans}, H, W), got {tuple(x.shape)}")
+            raise UsageError(f"expected images (B, {self.spec.in_chans}, H, W), got {tuple(x.shape)}")
         hw = tuple(x.shape[2:])
         # The plan check is Python (pydantic) that torch.compile cannot trace; compiled graphs
         # are specialised per input size anyway, and eager calls still check.
@@ -207,7 +148,7 @@ class HierarchicalEncoder(nn.Module):
         ``mask`` row. Raises ``ValueError`` for a spec without ``mask_unit_size``."""
         plan = self.plan if img_size is None or tuple(img_size) == self.plan.img_size else resolve(self.spec, img_size)
         if plan.mask_unit_size is None:
-            raise ValueError(f"{self.spec.name or 'this spec'} has no mask_unit_size, so it has no mask units")
+            raise UsageError(f"{self.spec.name or 'this spec'} has no mask_unit_size, so it has no mask units")
         (h, w), (uh, uw) = plan.stages[0].out_grid, plan.mask_unit_size
         return (h // uh) * (w // uw)
 
@@ -218,21 +159,21 @@ class HierarchicalEncoder(nn.Module):
             return
         verdict = resolve(self.spec, tuple(x.shape[2:])).mae_incompatibility
         if verdict is not None:
-            raise ValueError(f"a masked (sparse MAE) forward needs a spec whose components stay inside mask units; "
+            raise UsageError(f"a masked (sparse MAE) forward needs a spec whose components stay inside mask units; "
                              f"{self.spec.name or 'this spec'} is not MAE-compatible: {verdict}")
         units = self.num_mask_units(tuple(x.shape[2:]))
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             what = f"dtype {mask.dtype}" if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise ValueError(f"mask must be a bool tensor (True = keep the mask unit), got {what}")
+            raise UsageError(f"mask must be a bool tensor (True = keep the mask unit), got {what}")
         if mask.device != x.device:
-            raise ValueError(f"mask is on {mask.device} but the images are on {x.device}; move it with "
+            raise UsageError(f"mask is on {mask.device} but the images are on {x.device}; move it with "
                              f"mask.to({str(x.device)!r})")
         if tuple(mask.shape) != (x.shape[0], units):
-            raise ValueError(f"mask must have shape (batch, mask units) = ({x.shape[0]}, {units}) for "
+            raise UsageError(f"mask must have shape (batch, mask units) = ({x.shape[0]}, {units}) for "
                              f"{x.shape[2]}x{x.shape[3]} images, got {tuple(mask.shape)}")
         kept = mask.sum(dim=1)
         if kept.numel() and (kept.min() != kept.max() or int(kept.min()) == 0):
-            raise ValueError(f"mask must keep the same number (>= 1) of mask units in every sample; it keeps "
+            raise UsageError(f"mask must keep the same number (>= 1) of mask units in every sample; it keeps "
                              f"{kept.tolist()}")
 
     def _masked_stem_input(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -245,13 +186,32 @@ class HierarchicalEncoder(nn.Module):
         m = mask.view(b, nh, 1, nw, 1, 1).expand(b, nh, h // nh, nw, w // nw, 1).reshape(b, h, w, 1)
         return x * m.to(x.dtype)
 
-    def _stage(self, i: int, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """Stage ``i`` on ``x``; stage 0 of a sparse forward zeroes masked pixels and drops units."""
-        if mask is None:
-            return self.stages[i](x)
-        if i == 0:
-            return self.stages[0](self._masked_stem_input(x, mask), mask)
-        return self.stages[i](x)
+    def _stage(self, i: int, x: torch.Tensor, sizes: Optional[torch.Tensor], mask: Optional[torch.Tensor]
+               ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Stage ``i`` on ``x`` and the token sizes ``(B, N)`` of ``x`` (None: no sizes) -> its tokens
+        and their sizes (:mod:`hfactory.layers.token_sizes`); stage 0 of a sparse forward zeroes
+        masked pixels and drops units."""
+        if mask is not None and i == 0:
+            return self.stages[0](self._masked_stem_input(x, mask), sizes, keep=mask)
+        return self.stages[i](x, sizes)
+
+    def _forward_features(self, x: torch.Tensor, mask: Optional[torch.Tensor]
+                          ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """:meth:`forward_features` and the final tokens' sizes ``(B, N)`` (None: no sizes), the
+        sizes travelling with the tokens from stage to stage; records nothing."""
+        self._check_input(x)
+        if mask is not None:
+            self._check_mask(mask, x)
+        image_hw = tuple(x.shape[2:])
+        x, sizes = x.permute(0, 2, 3, 1), None
+        for i in range(len(self.stages)):
+            x, sizes = self._stage(i, x, sizes, mask)
+        if mask is not None:
+            return (self._final_norm_map(x) if self.spec.head_norm_first else x), sizes
+        x = self._as_grid(x, len(self.stages) - 1, image_hw)
+        if self.spec.head_norm_first:
+            x = self._final_norm_map(x)
+        return x.permute(0, 3, 1, 2), sizes
 
     def forward_features(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``(B, in_chans, H, W)`` images -> final map ``(B, num_features, H/r, W/r)`` (NCHW),
@@ -265,36 +225,51 @@ class HierarchicalEncoder(nn.Module):
         ``(B, K, uh, uw, num_features)`` (units in ascending index order; ``(uh, uw)`` is the last
         stage's ``unit_size``).
 
+        The final tokens' sizes after a merging downsampler (``plan.head["token_sizes"]``; see
+        :mod:`hfactory.layers.token_sizes`) are not returned: they are recorded on this module
+        instance as ``last_token_sizes`` (``(B, N)`` for the ``N = H/r * W/r`` tokens of the map,
+        row-major; None when the tokens carry no sizes), for a :meth:`forward_head` call on this
+        result. The attribute holds the tensor (and its autograd graph) until the next call.
+
         Raises:
             ValueError: a ``mask`` of the wrong shape or dtype, keeping different counts per
                 sample or none, or a spec that is not MAE-compatible (``plan.mae_incompatibility``).
         """
-        self._check_input(x)
-        if mask is not None:
-            self._check_mask(mask, x)
-        image_hw = tuple(x.shape[2:])
-        x = x.permute(0, 2, 3, 1)
-        for i in range(len(self.stages)):
-            x = self._stage(i, x, mask)
-        if mask is not None:
-            return self._final_norm_map(x) if self.spec.head_norm_first else x
-        x = self._as_grid(x, len(self.stages) - 1, image_hw)
-        if self.spec.head_norm_first:
-            x = self._final_norm_map(x)
-        return x.permute(0, 3, 1, 2)
+        x, self.last_token_sizes = self._forward_features(x, mask)
+        return x
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False,
+                     token_sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Final NCHW map -> logits ``(B, num_classes)`` (or pooled ``(B, num_features)`` with
-        ``pre_logits=True``)."""
-        x = self.head.pool(x)
+        ``pre_logits=True``).
+
+        After a merging downsampler (``plan.head["token_sizes"]``) the average pool weights each
+        token by its size: ``token_sizes`` ``(B, H*W)``, or when None the sizes recorded by the
+        last :meth:`forward_features` (or :meth:`forward_intermediates`) call on this module,
+        ``last_token_sizes``; so call ``forward_head`` on the map of that call. Other pools
+        (``max``, or tokens without sizes) ignore ``token_sizes``.
+
+        Raises:
+            ValueError (``UsageError``): the head needs sizes and they are missing or not
+                ``(B, H*W)`` for ``x``.
+        """
+        if self.head.needs_token_sizes:
+            given = token_sizes is not None
+            sizes = token_sizes if given else self.last_token_sizes
+            where = "token_sizes" if given else "the sizes recorded by the last forward_features call"
+            token_sizes = check_token_sizes(sizes, x.shape[0], x.shape[2] * x.shape[3],
+                                            f"forward_head's size-weighted average pool ({where})")
+        x = self.head.pool(x, token_sizes)
         if not self.spec.head_norm_first:
             x = self.norm(x)
         x = self.head.drop(x)
         return x if pre_logits else self.head.fc(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, in_chans, H, W)`` -> logits ``(B, num_classes)``; pooled features if 0 classes."""
-        return self.forward_head(self.forward_features(x))
+        """``(B, in_chans, H, W)`` -> logits ``(B, num_classes)``; pooled features if 0 classes.
+        Token sizes go straight from the last stage to the head (nothing is recorded)."""
+        x, sizes = self._forward_features(x, None)
+        return self.forward_head(x, token_sizes=sizes)
 
     def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, list[int]]] = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
@@ -314,14 +289,16 @@ class HierarchicalEncoder(nn.Module):
 
         Returns:
             ``list[Tensor]`` if ``intermediates_only`` else ``(final, list[Tensor])`` where
-            ``final`` is what ``forward_features`` returns (NCHW) when all stages ran.
+            ``final`` is what ``forward_features`` returns (NCHW) when all stages ran. Token sizes
+            are not returned; as ``forward_features`` does, the call records the final tokens'
+            sizes in ``last_token_sizes`` (None unless all stages ran), for ``forward_head(final)``.
 
         Raises:
             ValueError: bad ``output_fmt``, out-of-range ``indices`` or a bad ``mask`` (see
                 ``forward_features``).
         """
         if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt {output_fmt!r}: valid are 'NCHW' and 'NHWC'")
+            raise UsageError(f"output_fmt {output_fmt!r}: valid are 'NCHW' and 'NHWC'")
         take, max_index = feature_take_indices(len(self.stages), indices)
         self._check_input(x)
         if mask is not None:
@@ -330,9 +307,9 @@ class HierarchicalEncoder(nn.Module):
         last = len(self.stages) - 1
         stages = self.stages[: max_index + 1] if stop_early else self.stages
         intermediates = []
-        x = x.permute(0, 2, 3, 1)
+        x, sizes = x.permute(0, 2, 3, 1), None
         for i in range(len(stages)):
-            x = self._stage(i, x, mask)
+            x, sizes = self._stage(i, x, sizes, mask)
             if mask is not None:
                 if i in take:
                     intermediates.append(self._final_norm_map(x) if norm and i == last else x)
@@ -341,6 +318,8 @@ class HierarchicalEncoder(nn.Module):
                 y = self._as_grid(x, i, image_hw)
                 y = self._final_norm_map(y) if norm and i == last else y
                 intermediates.append(y.permute(0, 3, 1, 2) if output_fmt == "NCHW" else y)
+        # the sizes of this call's final tokens (a later forward_head must not see older ones)
+        self.last_token_sizes = sizes if len(stages) == len(self.stages) else None
         if intermediates_only:
             return intermediates
         if mask is not None:
@@ -366,13 +345,13 @@ class HierarchicalEncoder(nn.Module):
         update = {"stages": [s.model_dump(mode="json", exclude_none=True) for s in self.spec.stages[: max_index + 1]]}
         if prune_norm or cut_last:
             self.norm = nn.Identity()
-            update["head_norm"] = {"kind": "identity"}
+            update["head_norm"] = dict(NO_NORM)
         if prune_head or cut_last:
             update["num_classes"] = 0
             self.head.fc = nn.Identity()
         self._set_spec(update)
         # Size-weighted pooling only follows a merging downsampler (geme/att0) that was kept.
-        self.head.token_sizes = bool(self.plan.head.get("token_sizes"))
+        self.head.takes_token_sizes = bool(self.plan.head.get("token_sizes"))
         if getattr(self.stages[-1], "carry", None) is not None:
             # The cut removed the att0 stage these clusters were made for: rebuild the last stage as
             # the new plan has it (plain attention, no clusters) with its weights. The tokens never
@@ -389,18 +368,35 @@ class HierarchicalEncoder(nn.Module):
             self.stages[-1] = new
         return take
 
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """New classifier for ``num_classes`` (0: pooled features); optionally a new
-        ``global_pool`` (``'avg'`` or ``'max'``). Raises pydantic ``ValidationError`` on bad values."""
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None,
+                         device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None) -> None:
+        """New classifier ``head.fc`` for ``num_classes`` (0: ``nn.Identity``, ``forward`` then gives
+        pooled features ``(B, num_features)``); optionally a new ``global_pool`` (``'avg'`` or
+        ``'max'``; None keeps the current one). ``spec`` and ``plan`` follow.
+
+        The classifier is created on ``device`` with ``dtype``, by default those of the model's
+        first parameter (timm's ``get_device_dtype`` rule, so a model on ``meta`` or in float64 gets
+        a head there), in the head's train/eval mode; its parameters are new and trainable (a frozen
+        backbone keeps its ``requires_grad=False``).
+
+        Raises:
+            pydantic.ValidationError: ``num_classes < 0`` or a ``global_pool`` the spec does not
+                allow; the model is then unchanged.
+        """
         update = {"num_classes": num_classes}
         if global_pool is not None:
             update["global_pool"] = global_pool
         self._set_spec(update)
         self.head.global_pool = self.spec.global_pool
-        fc = make_classifier(self.num_features, num_classes, self.plan.head, self.plan.drop_rate)
-        fc.apply(_init_weights)
-        ref = next(self.parameters(), None)
-        self.head.fc = fc.to(ref.device, ref.dtype) if ref is not None else fc
+        ref = next(self.parameters(), None)  # timm.layers.get_device_dtype: explicit values win
+        device = device if device is not None or ref is None else ref.device
+        dtype = dtype if dtype is not None or ref is None else ref.dtype
+        with torch.device(device) if device is not None else nullcontext():
+            fc = make_classifier(self.num_features, num_classes, self.plan.head, self.plan.drop_rate)
+            fc.apply(_init_weights)
+        if dtype is not None:
+            fc = fc.to(dtype=dtype)
+        self.head.fc = fc.train(self.head.training)
 
     def _set_spec(self, update: dict) -> None:
         """Replace top-level spec fields (JSON-like values), revalidate and re-plan."""
@@ -420,7 +416,7 @@ class HierarchicalEncoder(nn.Module):
         from .layers.attention import BACKENDS
 
         if backend not in BACKENDS:
-            raise ValueError(f"unknown attention backend {backend!r}; valid: {', '.join(BACKENDS)}")
+            raise UsageError(f"unknown attention backend {backend!r}; valid: {', '.join(BACKENDS)}")
         for module in self.modules():
             if hasattr(module, "backend") and isinstance(getattr(module, "backend"), str):
                 module.backend = backend
@@ -498,88 +494,3 @@ def from_pretrained(directory: Union[str, os.PathLike], map_location: str = "cpu
     return load_model_dir(directory, build_encoder, map_location, "a save_pretrained() directory")
 
 
-def build_model(spec) -> nn.Module:
-    """The model of a validated spec: a :class:`HierarchicalEncoder` for an
-    :class:`~hfactory.spec.model.EncoderSpec`, an :class:`~hfactory.sft.SFTEncoder` for an
-    :class:`~hfactory.spec.sft.SFTSpec` (both read by :func:`hfactory.spec.io.load_any_spec`).
-
-    Raises:
-        PlanError: the spec cannot be built (its location and what would be valid are named).
-    """
-    from .spec.sft import SFTSpec
-
-    if isinstance(spec, SFTSpec):
-        from .sft import SFTEncoder
-
-        return SFTEncoder(spec)
-    return HierarchicalEncoder(spec)
-
-
-def load_model(directory: Union[str, os.PathLike], map_location: str = "cpu") -> nn.Module:
-    """:func:`from_pretrained` for any model hfactory saves with a spec (encoders, SFT): the spec
-    kind is read from ``spec.yaml``. Raises as :func:`from_pretrained`."""
-    from .spec.io import load_any_spec
-
-    return load_model_dir(directory, lambda path: build_model(load_any_spec(path)), map_location,
-                          "a save_pretrained() directory")
-
-
-def save_model_dir(model: nn.Module, directory: Union[str, os.PathLike]) -> Path:
-    """``model.spec`` as ``spec.yaml`` and its weights as ``model.safetensors`` (with the spec's
-    hash as metadata) in ``directory``, each written atomically; shared by every model class with a
-    ``spec``. Returns the directory."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(directory / WEIGHTS_NAME) as tmp:
-        save_file(state, str(tmp), metadata={"spec_hash": spec_hash(model.spec), "format": "pt"})
-    with atomic_path(directory / SPEC_NAME) as tmp:
-        tmp.write_text(dump_spec(model.spec), encoding="utf-8")
-    return directory
-
-
-def load_model_dir(directory: Union[str, os.PathLike], build: Callable[[Path], nn.Module], map_location: str,
-                   expected: str) -> nn.Module:
-    """The model ``build(directory / "spec.yaml")`` with the weights of ``model.safetensors``,
-    after checking that they were saved for that spec (the ``spec_hash`` metadata, when present).
-
-    Raises:
-        FileNotFoundError: a file is missing (``expected`` says what the directory should be).
-        ValueError: the weights were saved for another spec, or they do not fit it (keys named).
-    """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    for name in (SPEC_NAME, WEIGHTS_NAME):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory / name} not found; expected {expected}")
-    model = build(directory / SPEC_NAME)
-    with safe_open(str(directory / WEIGHTS_NAME), "pt") as f:
-        saved = (f.metadata() or {}).get("spec_hash")
-    if saved is not None and saved not in spec_hashes(model.spec):
-        raise ValueError(f"{directory / WEIGHTS_NAME} was saved for spec hash {saved}, but {directory / SPEC_NAME} "
-                         f"hashes to {spec_hash(model.spec)}: the spec was changed after saving; restore it, or "
-                         "build the new spec and load the weights with load_checked to convert deliberately")
-    load_checked(model, load_file(str(directory / WEIGHTS_NAME), device=map_location),
-                 source=str(directory / WEIGHTS_NAME))
-    return model
-
-
-def load_checked(model: nn.Module, state: dict, source: str = "state dict") -> None:
-    """``load_state_dict(strict=True)`` that first resizes resolution-dependent tensors (position
-    embeddings, relative-position tables) and lists every key and shape mismatch.
-
-    Raises:
-        ValueError: naming up to 10 missing, unexpected and shape-mismatched keys each.
-    """
-    from .convert.core import mismatch_report
-    from .convert.resize import resize_to_model
-
-    state = resize_to_model(state, model.state_dict(), model)
-    report = mismatch_report(model.state_dict(), state)
-    if report:
-        raise ValueError(f"{source} does not fit this model's spec; {report}")
-    model.load_state_dict(state, strict=True)

@@ -36,7 +36,9 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .encoder import HierarchicalEncoder, load_model_dir, save_model_dir
+from .errors import UsageError
+from .encoder import HierarchicalEncoder
+from .io import load_model_dir, save_model_dir
 from .layers.block import Block
 from .layers.layout import units_to_grid
 from .layers.posembed import resize_pos_embed
@@ -82,7 +84,7 @@ def patchify(images: torch.Tensor, size: int) -> torch.Tensor:
         ValueError: ``images`` not 4-D, or ``H`` or ``W`` not a multiple of ``size``.
     """
     if images.dim() != 4 or images.shape[2] % size or images.shape[3] % size:
-        raise ValueError(f"patchify needs images (B, C, H, W) with H and W multiples of {size}, got shape "
+        raise UsageError(f"patchify needs images (B, C, H, W) with H and W multiples of {size}, got shape "
                          f"{tuple(images.shape)}")
     b, c, h, w = images.shape
     x = images.reshape(b, c, h // size, size, w // size, size).permute(0, 2, 4, 1, 3, 5)
@@ -113,6 +115,8 @@ class MaskedAutoencoder(nn.Module):
             and component) or otherwise cannot be planned.
         pydantic.ValidationError: a bad spec or decoder section.
     """
+
+    model_kind = "mae"  # recorded in saved weights (hfactory.models reads it back)
 
     def __init__(self, encoder_spec: SpecSource, decoder: Union[MAESpec, dict, None] = None):
         super().__init__()
@@ -164,8 +168,9 @@ class MaskedAutoencoder(nn.Module):
                     nn.init.ones_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        conv = getattr(self.encoder.stages[0].downsample, "conv", None)
-        if isinstance(conv, nn.Conv2d):
+        # the patch embedding's conv, as the reference (MAE/Hiera) initialises it: like a Linear
+        conv = next((m for m in self.encoder.stages[0].downsample.modules() if isinstance(m, nn.Conv2d)), None)
+        if conv is not None:
             nn.init.xavier_uniform_(conv.weight.data.view(conv.weight.shape[0], -1))
 
     @property
@@ -199,14 +204,14 @@ class MaskedAutoencoder(nn.Module):
                 sample, or keeping every unit of a sample.
         """
         if x.shape[0] == 0:
-            raise ValueError("the batch is empty (0 images); the MAE loss needs at least one image")
+            raise UsageError("the batch is empty (0 images); the MAE loss needs at least one image")
         if mask is None:
             mask = self.get_random_mask(x, self.mae_spec.mask_ratio if mask_ratio is None else mask_ratio)
         elif mask_ratio is not None:
             check_mask_ratio(mask_ratio, self.num_mask_units(tuple(x.shape[2:])))
         if (not torch.compiler.is_compiling() and isinstance(mask, torch.Tensor) and mask.dtype == torch.bool
                 and mask.ndim == 2 and bool(mask.all(dim=1).any())):  # before the forward; the encoder checks the rest
-            raise ValueError(f"mask keeps all {mask.shape[1]} mask units of a sample; the MAE loss is taken over "
+            raise UsageError(f"mask keeps all {mask.shape[1]} mask units of a sample; the MAE loss is taken over "
                              "masked units, so every sample must mask at least one")
         maps = self.encoder.forward_intermediates(x, mask=mask, intermediates_only=True)
         latent = maps[-1]

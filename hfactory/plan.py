@@ -25,27 +25,18 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict
 
-from .spec.base import MAX_BLOCKS, MAX_SIZE, PlanError, refuse_huge_ints
-from .spec.components import ComponentParams, StageContext
-from .spec.model import EncoderSpec, StageDefaults, StageSpec
+from . import registry
+from .errors import PlanError
+from .spec.base import MAX_BLOCKS, MAX_SIZE, refuse_huge_ints
+from .spec.model import LIBRARY_DEFAULTS, EncoderSpec, StageDefaults, StageSpec, default_downsample
+from .spec.protocol import ComponentParams, StageContext
 
 __all__ = ["Plan", "StagePlan", "BlockPlan", "resolve", "LIBRARY_DEFAULTS", "PlanError", "mae_verdict",
-           "crosses_units", "MAX_SIZE", "MAX_BLOCKS"]
+           "crosses_units", "describe_entry", "MAX_SIZE", "MAX_BLOCKS"]
 
-#: Values used for a stage field that neither the stage nor ``spec.defaults`` sets.
-LIBRARY_DEFAULTS = StageDefaults.model_validate({
-    "depth": 1,
-    "token_mixer": "attention",
-    "feedforward": "mlp",
-    "norm": "layernorm",
-    "residual_norm_style": "pre",
-    "layer_scale": False,
-    "res_scale": False,
-    "pos_embed": "none",
-    "dim_head": 32,
-})
-_STEM = {"kind": "conv", "patch_size": 7, "stride": 4, "padding": 2}
-_DOWNSAMPLE = {"kind": "conv", "patch_size": 3, "stride": 2, "padding": 1}
+# Advice for a stage 0 without a patch embedding: the library's stem with a 4x4 patch.
+_STEM_ADVICE = "{" + ", ".join(f"{k}: {v}" for k, v in {**default_downsample(0, as_dict=True), "patch_size": 4,
+                                                         "stride": 4, "padding": 0}.items()) + "}"
 
 
 class BlockPlan(BaseModel):
@@ -152,7 +143,9 @@ class Plan(BaseModel):
             rows.append([
                 str(s.index), f"{s.in_grid[0]}x{s.in_grid[1]} -> {s.out_grid[0]}x{s.out_grid[1]}",
                 str(s.seq_len), f"{s.in_chs}->{s.out_chs}", "-" if s.num_heads is None else str(s.num_heads),
-                str(s.depth), _describe(s.downsample), _describe_mixer(s), _describe(s.feedforward),
+                str(s.depth), describe_entry("downsample", s.downsample),
+                describe_entry("token_mixer", s.token_mixer, [b.token_mixer for b in s.blocks]),
+                describe_entry("feedforward", s.feedforward),
                 f"{s.drop_path[0]:.3f}-{s.drop_path[-1]:.3f}",
             ])
         widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
@@ -160,24 +153,11 @@ class Plan(BaseModel):
         return "\n".join([head, fmt.format(*cols), *(fmt.format(*r) for r in rows)])
 
 
-def _describe(component: dict) -> str:
-    kind = component["kind"]
-    if kind == "conv":
-        return f"conv{component['patch_size']}/s{component['stride']}/p{component['padding']}"
-    return kind
-
-
-def _describe_mixer(s: StagePlan) -> str:
-    """Mixer kind plus, for windowed attention, the window, the shifts of its blocks and padding."""
-    m = s.token_mixer
-    if "window_size" not in m:
-        return _describe(m)
-    shifts = "/".join(dict.fromkeys(str(b.token_mixer["shift_size"][0]) for b in s.blocks))
-    pad = m.get("padded_grid")
-    pad = "" if pad is None or list(pad) == list(s.out_grid) else f" pad {pad[0]}x{pad[1]}"
-    if m.get("per_unit"):  # run inside each mask unit (see _in_units): the unit is its grid
-        pad = " in units"
-    return f"{m['kind']} {m['window_size'][0]}x{m['window_size'][1]} shift {shifts}{pad}"
+def describe_entry(slot: str, entry: dict, blocks=()) -> str:
+    """The short name of a resolved component ``entry`` of ``slot`` in plan and summary tables, as
+    its params model describes it (``conv7/s4/p2``, ``pooling3``, ``window_attention 7x7 shift
+    0/3``); ``blocks``: for a stage's token mixer, its blocks' entries."""
+    return registry.get(slot, entry["kind"]).params.describe(entry, blocks)
 
 
 def _pick(stage: StageSpec, defaults: StageDefaults, name: str):
@@ -211,6 +191,17 @@ def _heads(loc: str, dim: int, stage: StageSpec, defaults: StageDefaults) -> tup
     raise AssertionError("LIBRARY_DEFAULTS sets dim_head")
 
 
+def _registered(slot: str, accepts: Optional[str] = None, **declared) -> str:
+    """Registered names of ``slot`` that accept the layout ``accepts`` and have the ``declared``
+    class values (for "use one of ..." advice; the registry, not this module, knows them)."""
+    names = []
+    for name in registry.names(slot):
+        params = registry.get(slot, name).params
+        if (accepts is None or accepts in params.accepts) and all(getattr(params, k) == v for k, v in declared.items()):
+            names.append(name)
+    return ", ".join(names)
+
+
 def _check_layout(component: ComponentParams, layout: str, loc: str, seq_from: Optional[str] = None) -> None:
     if layout == "units" and "units" not in component.accepts and "grid" in component.accepts:
         return  # may run inside each mask unit; _in_units decides once the component is resolved
@@ -218,7 +209,8 @@ def _check_layout(component: ComponentParams, layout: str, loc: str, seq_from: O
         why = ""
         if layout == "seq" and seq_from:
             why = (f" (a flat sequence without 2-D structure since {seq_from}; only components that accept "
-                   "seq tokens, such as attention, mlp, layernorm, max_pool_1d or learned_1d, can follow it)")
+                   f"seq tokens can follow it; {component.slot} components that do: "
+                   f"{_registered(component.slot, 'seq')})")
         raise PlanError(loc, f"{component.kind!r} works on {' or '.join(sorted(component.accepts))} tokens, "
                         f"but this stage's tokens are in the {layout!r} layout{why}")
 
@@ -274,12 +266,18 @@ def _resolve(spec: EncoderSpec, img_size: tuple[int, int]) -> Plan:
         dim = stage.embedding
         ds = _pick(stage, spec.defaults, "downsample")
         if ds is None:
-            ds = StageSpec.model_validate({"embedding": dim, "downsample": _STEM if i == 0 else _DOWNSAMPLE}).downsample
-        if i == 0 and (ds.kind == "none" or ds.fused) and chs != dim:
+            ds = default_downsample(i)
+        if i == 0 and (ds.identity or ds.fused) and chs != dim:
             raise PlanError(f"{loc}.downsample", f"stage 0 needs a patch embedding from {chs} image channels "
-                            f"to embedding {dim}; use e.g. {{kind: conv, patch_size: 4}}")
+                            f"to embedding {dim}; use e.g. {_STEM_ADVICE}")
         _check_layout(ds, layout, f"{loc}.downsample", seq_from)
-        if getattr(ds, "prepares_previous_stage", False):  # att0: clusters travel through the previous stage
+        if ds.fixed_grid and tuple(img_size) != spec.img_hw:
+            sh, sw = spec.img_hw
+            raise PlanError(f"{loc}.downsample", f"{ds.kind!r} has weights sized for the token grid at the spec's "
+                            f"img_size, so the model runs only on {sh}x{sw} images, not {img_size[0]}x{img_size[1]}; "
+                            "resize the images, or build the model at that img_size (create_model(..., img_size=...))"
+                            " and train it there")
+        if ds.prepares_previous_stage:  # e.g. att0: clusters travel through the previous stage
             if not stages:
                 raise PlanError(f"{loc}.downsample", f"{ds.kind!r} prepares clusters in the previous stage's blocks, "
                                 "so it cannot start stage 0; use it from stage 1 on")
@@ -291,12 +289,12 @@ def _resolve(spec: EncoderSpec, img_size: tuple[int, int]) -> Plan:
             raise PlanError(f"{loc}.downsample", f"reduces the grid {grid} to {out_grid}; use a smaller stride "
                             "or a larger img_size")
         ds_resolved = ds.resolve(chs, dim, grid, f"{loc}.downsample")
-        if getattr(ds, "emits_token_sizes", False):  # merged tokens (geme, att0) carry sizes from here on
+        if ds.emits_token_sizes:  # merged tokens (geme, att0) carry sizes from here on
             ds_resolved = {**ds_resolved, "token_sizes_in": sizes_from is not None}
             sizes_from = f"{loc}.downsample"
-        elif ds.kind != "none":
+        elif not ds.identity:
             sizes_from = None  # any other downsampler makes new tokens, without sizes
-        q_stride = ds.stride_hw if ds.fused else None
+        q_stride = ds.first_block_q_stride() if ds.fused else None
         in_unit = unit
         if unit is not None:
             ds_resolved = _in_units("downsample", ds, ds_resolved, f"{loc}.downsample", layout, in_unit, grid)
@@ -335,11 +333,17 @@ def _resolve(spec: EncoderSpec, img_size: tuple[int, int]) -> Plan:
         if ds.fused:
             blocks[0] = _fused_first_block(ds, mixer, prev_mixer, stage, spec, loc, dim, chs, grid, in_unit,
                                            layout, q_stride)
+        style = _pick(stage, spec.defaults, "residual_norm_style")
+        if ds.fused and style == "post":
+            where = f"{loc}.residual_norm_style" if stage.residual_norm_style else "defaults.residual_norm_style"
+            raise PlanError(where, f"{ds.kind!r} at {loc}.downsample fuses the stage transition into the first "
+                            "block, which is pre-norm only (its residual is the projection of the normed input); "
+                            f"use residual_norm_style: pre in {loc}, or a downsampler with its own module")
         layer_scale = _pick(stage, spec.defaults, "layer_scale")
         stages.append(StagePlan(
             index=i, layout=layout, unit_size=unit, in_grid=grid, out_grid=out_grid, seq_len=seq_len, in_chs=chs,
             out_chs=dim, reduction=_reduction(img_size, out_grid, layout), depth=depth, num_heads=num_heads,
-            dim_head=dim_head, residual_norm_style=_pick(stage, spec.defaults, "residual_norm_style"),
+            dim_head=dim_head, residual_norm_style=style,
             layer_scale=None if layer_scale is False else float(layer_scale),
             res_scale=_pick(stage, spec.defaults, "res_scale"),
             drop_path=tuple(rates[block:block + depth]),
@@ -360,8 +364,8 @@ def _resolve(spec: EncoderSpec, img_size: tuple[int, int]) -> Plan:
         name=spec.name, img_size=tuple(img_size), in_chans=spec.in_chans, num_classes=spec.num_classes,
         global_pool=spec.global_pool, drop_rate=spec.drop_rate,
         head_norm=spec.head_norm.resolve(chs, "head_norm"), head_norm_first=spec.head_norm_first,
-        head={**_resolve_head(spec, chs),
-              **({"token_sizes": True} if sizes_from and spec.global_pool == "avg" else {})},
+        # token_sizes: the final tokens carry sizes (an average pool weights them by size)
+        head={**spec.head.resolve(chs), **({"token_sizes": True} if sizes_from else {})},
         attn_backend=spec.attn_backend, mask_unit_size=spec.mask_unit_hw, num_features=chs, stages=tuple(stages),
     )
     _check_group_sizes(plan)
@@ -400,21 +404,6 @@ def _reduction(img_size: tuple[int, int], grid: tuple[int, int], layout: str) ->
     return img_size[0] // grid[0]
 
 
-def _resolve_head(spec: EncoderSpec, dim: int) -> dict:
-    head = spec.head
-    if head.kind == "linear":
-        return {"kind": "linear", "bias": head.bias}
-    hidden = int(head.hidden_layer_multiplier * dim)
-    if hidden < 1:
-        raise PlanError("head.hidden_layer_multiplier", f"{head.hidden_layer_multiplier} x width {dim} rounds to "
-                        "0 hidden units; use a larger multiplier")
-    if hidden > MAX_SIZE:
-        raise PlanError("head.hidden_layer_multiplier", f"{head.hidden_layer_multiplier} x width {dim} = {hidden} "
-                        f"hidden units, more than the plan's limit {MAX_SIZE}; use a smaller multiplier")
-    return {"kind": "mlp", "hidden_features": hidden, "activation": head.activation, "bias": head.bias,
-            "norm": head.norm.resolve(hidden, "head.norm")}
-
-
 def _first_unit(unit: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int]:
     for axis, n, u in zip(("height", "width"), grid, unit):
         if n % u:
@@ -443,19 +432,20 @@ def _fused_first_block(ds, mixer, prev_mixer, stage, spec, loc, dim, dim_in, gri
     and, with lag_mixer, the previous stage's token mixer."""
     if prev_mixer is None:
         raise PlanError(f"{loc}.downsample", f"{ds.kind!r} pools inside the first block, so it needs a previous "
-                        "stage; stage 0 needs a patch embedding such as {kind: conv, patch_size: 4}")
-    use, where = (prev_mixer, f"stages.{int(loc.split('.')[1]) - 1}.token_mixer") if ds.lag_mixer \
+                        f"stage; stage 0 needs a patch embedding such as {_STEM_ADVICE}")
+    use, where = (prev_mixer, f"stages.{int(loc.split('.')[1]) - 1}.token_mixer") if ds.first_block_lags_mixer() \
         else (mixer, f"{loc}.token_mixer")
     if not use.supports_q_stride:
         raise PlanError(f"{loc}.downsample", f"{ds.kind!r} needs its first block's token mixer ({use.kind!r} from "
-                        f"{where}) to pool queries; use attention or mask_unit_attention there")
+                        f"{where}) to pool queries; use one that can there: "
+                        f"{_registered('token_mixer', layout, supports_q_stride=True)}")
     _check_layout(use, layout, where)
     num_heads, dim_head = _heads(loc, dim, stage, spec.defaults)
     ctx = StageContext(loc=where, dim=dim, grid=grid, layout=layout, num_heads=num_heads, dim_head=dim_head,
                        unit_size=in_unit, dim_in=dim_in, q_stride=q_stride)
     norm1 = _pick(stage, spec.defaults, "norm").resolve(dim_in, f"{loc}.norm")
     return BlockPlan(dim_in=dim_in, q_stride=q_stride, norm1=norm1, token_mixer=use.resolve(ctx),
-                     expand=getattr(ds, "expand", "proj"))
+                     expand=ds.first_block_expand())
 
 
 # ------------------------------------------------------------------------ mask units and MAE
@@ -514,72 +504,18 @@ def crosses_units(slot: str, entry: dict, unit: Optional[tuple[int, int]] = None
                   grid: Optional[tuple[int, int]] = None) -> Optional[str]:
     """Why the resolved component ``entry`` of ``slot`` would mix tokens across mask-unit borders
     (or use positions that dropping units changes), or None when it is token-wise, unit-local or
-    a position-free set operation (the rule above :func:`_mixer_entry`). ``unit`` and ``grid``
-    (tokens) enable the checks that depend on the unit size; without them only the
-    size-independent checks run. Components this function does not know are compatible when they
-    accept the ``units`` layout (a component that does declares per-unit or set semantics)."""
-    kind = entry["kind"]
-    norm = entry.get("norm")
-    if slot == "downsample" and isinstance(norm, dict) and "kind" in norm:
-        # a downsampler's own norm (pre- or post-) runs on the same tokens: it must stay in units too
-        reason = crosses_units("norm", norm, unit, grid)
-        if reason is not None:
-            return f"its norm: {reason}"
-    if slot == "token_mixer":
-        if entry.get("rotary"):
-            return ("rotary embeddings number tokens by their index in the flattened sequence, which changes "
-                    "when mask units are dropped")
-        if kind in ("attention", "mask_unit_attention", "identity"):
-            return None
-        if kind in ("pooling", "sepconv"):
-            k = entry["pool_size" if kind == "pooling" else "kernel_size"]
-            what = "average pooling" if kind == "pooling" else "depthwise conv"
-            return None if k == 1 else f"its {k}x{k} {what} reads neighbouring tokens across mask-unit borders"
-        if kind == "window_attention":
-            if any(entry["shift_size"]):
-                s = entry["shift_size"]
-                return f"shifted windows (shift {s[0]}x{s[1]}) cross mask-unit borders; use shift: false"
-            w = entry["window_size"]
-            if unit is not None and any(u % x for u, x in zip(unit, w)):
-                return (f"windows of {w[0]}x{w[1]} tokens do not tile the {unit[0]}x{unit[1]} mask unit; use a "
-                        "window dividing the unit")
-            if grid is not None and tuple(entry["padded_grid"]) != tuple(grid):
-                return "windows that pad the grid straddle mask units"
-            return None
-    elif slot == "downsample":
-        if kind == "conv":
-            k, s, p = entry["patch_size"], entry["stride"], entry["padding"]
-            if k != s or p:
-                return (f"conv {k}x{k}/s{s}/p{p} reads neighbouring tokens across mask-unit borders; a unit-local "
-                        "conv has patch_size = stride and padding 0")
-            return None
-        if kind in ("avg", "max", "rand_conv"):  # the thesis's kernel poolings: token-wise norm (and 1x1 conv),
-            k, s, p = entry["kernel_size"], entry["stride"], entry["padding"]  # then a k x k window op
-            if k != s or p:
-                return (f"{kind} {k}x{k}/s{s}/p{p} reads neighbouring tokens across mask-unit borders; a "
-                        "unit-local one has kernel_size = stride and padding 0")
-            return None
-        if kind in ("patch_merging", "q_pool", "none"):
-            return None
-    elif slot == "norm":
-        if kind in ("layernorm", "identity"):
-            return None
-        if kind == "groupnorm":
-            return "groupnorm normalises over the whole map of a sample, which the sparse encoder does not have"
-    elif slot == "feedforward":
-        if kind == "mlp":
-            return None
-    elif slot == "pos_embed":
-        if kind == "none":
-            return None
-        return (f"a {kind!r} position embedding after stage 0 is laid on the full grid; add position embeddings "
-                "in stage 0, before the mask units")
-    from . import registry
-
-    accepts = registry.get(slot, kind).params.accepts
-    if "units" in accepts:
-        return None
-    return f"{kind!r} works on {' or '.join(sorted(accepts))} tokens and has no per-mask-unit form"
+    a position-free set operation (the rule above :func:`_mixer_entry`). Its params model answers
+    (``crosses_units``, see :mod:`hfactory.spec.protocol`), and so do the components nested in
+    it (a downsampler's own norm runs on the same tokens, so it must stay in units too). ``unit``
+    and ``grid`` (tokens) enable the checks that depend on the unit size."""
+    params = registry.get(slot, entry["kind"]).params
+    for key, nested_slot in params.nested.items():
+        nested = entry.get(key)
+        if isinstance(nested, dict) and "kind" in nested:
+            reason = crosses_units(nested_slot, nested, unit, grid)
+            if reason is not None:
+                return f"its {key}: {reason}"
+    return params.crosses_units(entry, unit, grid)
 
 
 def mae_verdict(plan: Plan) -> Optional[str]:

@@ -16,9 +16,11 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Union
 
+from .errors import UnknownComponentError, UsageError
 from .spec.base import did_you_mean
+from .spec.protocol import SLOT_BASES
 
-__all__ = ["SLOTS", "Component", "register", "get", "names", "UnknownComponentError"]
+__all__ = ["SLOTS", "Component", "register", "unregister", "get", "names", "UnknownComponentError"]
 
 #: The places a component can fill, named as the StageSpec fields that hold them.
 SLOTS = ("token_mixer", "downsample", "feedforward", "norm", "pos_embed")
@@ -26,15 +28,11 @@ SLOTS = ("token_mixer", "downsample", "feedforward", "norm", "pos_embed")
 Builder = Union[str, Callable[..., Any]]
 
 
-class UnknownComponentError(ValueError):
-    """A component name that no registry entry has; the message lists the registered names."""
-
-
 @dataclass(frozen=True)
 class Component:
     """One registry entry.
 
-    ``params`` is a subclass of the slot's params base in :mod:`hfactory.spec.components`; its
+    ``params`` is a subclass of the slot's params base in :mod:`hfactory.spec.protocol`; its
     ``kind`` field is the name. ``builder`` is called with the resolved numbers of the plan
     (the params plus derived values such as ``dim``) and returns an ``nn.Module``.
     """
@@ -61,37 +59,48 @@ def register(slot: str, name: str, params: type, builder: Builder, *, overwrite:
     Args:
         slot: one of :data:`SLOTS`.
         name: the value users write as ``kind`` (e.g. ``token_mixer: {kind: my_mixer}``).
-        params: a subclass of the slot's params base (``TokenMixerParams``, ``DownsampleParams``,
-            ``FeedforwardParams``, ``NormParams``, ``PosEmbedParams``) whose ``kind`` field is
-            ``Literal[name]``.
+        params: a subclass of the slot's params base in :mod:`hfactory.spec.protocol`
+            (``TokenMixerParams``, ``DownsampleParams``, ``FeedforwardParams``, ``NormParams``,
+            ``PosEmbedParams``) whose ``kind`` field is ``Literal[name]``. What the core needs to
+            know about the component (unit locality, description, layouts, ...) is declared on
+            it; the base classes give the defaults (see :mod:`hfactory.spec.protocol`).
         builder: callable (or ``"module:attr"`` string) taking the resolved keyword arguments.
         overwrite: allow replacing an existing entry (otherwise a ``ValueError``).
 
     Raises:
         ValueError: unknown slot, a name already taken, or params that do not fit the slot.
     """
-    from .spec import components as base  # late: spec.components registers built-ins here
-
     if slot not in _REGISTRY:
-        raise ValueError(f"unknown slot {slot!r}{did_you_mean(slot, SLOTS)}; valid slots: {', '.join(SLOTS)}")
-    expected = base.SLOT_BASES[slot]
+        raise UsageError(f"unknown slot {slot!r}{did_you_mean(slot, SLOTS)}; valid slots: {', '.join(SLOTS)}")
+    expected = SLOT_BASES[slot]
     if not (isinstance(params, type) and issubclass(params, expected)):
-        raise ValueError(f"params for {slot} {name!r} must subclass hfactory.spec.components.{expected.__name__}")
+        raise UsageError(f"params for {slot} {name!r} must subclass hfactory.spec.protocol.{expected.__name__}")
     kind_field = params.model_fields.get("kind")
     if kind_field is None or kind_field.default != name or typing.get_origin(kind_field.annotation) is not Literal \
             or typing.get_args(kind_field.annotation) != (name,):
-        raise ValueError(f"params {params.__name__} must declare kind: Literal[{name!r}] = {name!r}")
+        raise UsageError(f"params {params.__name__} must declare kind: Literal[{name!r}] = {name!r}")
     if name in _REGISTRY[slot] and not overwrite:
-        raise ValueError(f"{slot} {name!r} is already registered; pass overwrite=True to replace it")
+        raise UsageError(f"{slot} {name!r} is already registered; pass overwrite=True to replace it")
     entry = Component(slot, name, params, builder)
     _REGISTRY[slot][name] = entry
+    return entry
+
+
+def unregister(slot: str, name: str) -> Component:
+    """Remove and return the entry ``slot``/``name`` (e.g. a component a test or notebook registered).
+
+    Raises:
+        UnknownComponentError: no such entry (the registered names are listed).
+    """
+    entry = get(slot, name)
+    del _REGISTRY[slot][name]
     return entry
 
 
 def get(slot: str, name: str) -> Component:
     """Look up a component; unknown names raise :class:`UnknownComponentError` with a suggestion."""
     if slot not in _REGISTRY:
-        raise ValueError(f"unknown slot {slot!r}{did_you_mean(slot, SLOTS)}; valid slots: {', '.join(SLOTS)}")
+        raise UsageError(f"unknown slot {slot!r}{did_you_mean(slot, SLOTS)}; valid slots: {', '.join(SLOTS)}")
     try:
         return _REGISTRY[slot][name]
     except KeyError:
@@ -108,5 +117,5 @@ def names(slot: str) -> list[str]:
         ValueError: ``slot`` is not a registry slot (the valid ones are named).
     """
     if slot not in _REGISTRY:
-        raise ValueError(f"unknown slot {slot!r}{did_you_mean(slot, SLOTS)}; valid slots: {', '.join(SLOTS)}")
+        raise UsageError(f"unknown slot {slot!r}{did_you_mean(slot, SLOTS)}; valid slots: {', '.join(SLOTS)}")
     return sorted(_REGISTRY[slot])

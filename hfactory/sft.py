@@ -27,6 +27,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .errors import UsageError
 from .build import build_component
 from .layers.attention import attention
 from .layers.block import Block
@@ -48,7 +49,7 @@ def group_tokens(x: torch.Tensor, group_size: Sequence[int]) -> torch.Tensor:
     b, *grid, c = x.shape
     d = len(grid)
     if len(group_size) != d or any(s < 1 or n % s for n, s in zip(grid, group_size)):
-        raise ValueError(f"group_size {tuple(group_size)} must have one positive entry per grid axis, each "
+        raise UsageError(f"group_size {tuple(group_size)} must have one positive entry per grid axis, each "
                          f"dividing the grid {tuple(grid)} (x has shape {tuple(x.shape)} = (B, *grid, C))")
     split = [b]
     for n, s in zip(grid, group_size):
@@ -197,9 +198,21 @@ class SFTEncoder(nn.Module):
     """An SFT built from an :class:`~hfactory.spec.sft.SFTSpec`: images ``(B, C, H, W)`` ->
     levels ``(B, C_i, H_i, W_i)`` (every level is a feature map) and logits.
 
+    The backbone API is :class:`~hfactory.encoder.HierarchicalEncoder`'s (timm 1.0.31's names and
+    signatures; the levels play the part of the stages): ``forward_features``, ``forward_head``,
+    ``forward_intermediates``, ``prune_intermediate_layers``, ``reset_classifier``,
+    ``get_classifier``, ``set_grad_checkpointing``, ``no_weight_decay``, ``group_matcher``,
+    ``feature_info``, ``num_features``, ``save_pretrained``. ``reset_classifier`` and
+    ``prune_intermediate_layers`` keep ``spec`` and ``plan`` true, so the changed model saves and
+    reloads. Where the SFT differs from a stack of stages (every level is refined by the codecs
+    above it over the passes), the method's docstring says so.
+
     Attributes: ``spec``, ``plan``, ``stem`` (patch embedding conv), ``codecs`` (one
-    :class:`Codec` per transition), ``norm`` and ``head`` (pooled top level -> classes).
+    :class:`Codec` per transition), ``norm`` and ``head`` (pooled top level -> classes),
+    ``grad_checkpointing`` (see :meth:`set_grad_checkpointing`).
     """
+
+    model_kind = "sft"  # recorded in saved weights (hfactory.models reads it back)
 
     def __init__(self, spec: SFTSpec, plan: Optional[SFTPlan] = None):
         super().__init__()
@@ -215,19 +228,30 @@ class SFTEncoder(nn.Module):
         self.head = nn.Linear(top, self.plan.num_classes) if self.plan.num_classes > 0 else nn.Identity()
         self.apply(_init_weights)
         self._pos_cache: dict = {}
+        self.grad_checkpointing = False
 
+    # -- timm model attributes -------------------------------------------------------------
     @property
     def num_features(self) -> int:
+        """Width of the top level (what ``forward_head(pre_logits=True)`` returns per image)."""
         return self.plan.levels[-1].chs
+
+    @property
+    def head_hidden_size(self) -> int:
+        return self.num_features
 
     @property
     def num_classes(self) -> int:
         return self.plan.num_classes
 
+    @property
+    def in_chans(self) -> int:
+        return self.plan.in_chans
+
     def save_pretrained(self, directory: Union[str, os.PathLike]):
         """``spec.yaml`` and ``model.safetensors`` (spec hash in its metadata), written atomically;
-        :func:`hfactory.encoder.load_model` (and ``hfactory eval``) rebuild it. Returns the directory."""
-        from .encoder import save_model_dir
+        :func:`hfactory.models.load` (and ``hfactory eval``) rebuild it. Returns the directory."""
+        from .io import save_model_dir
 
         return save_model_dir(self, directory)
 
@@ -246,59 +270,243 @@ class SFTEncoder(nn.Module):
         return self._pos_cache[key]
 
     def forward_levels(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Images -> every level after ``n_passes`` sweeps, channels-last ``(B, *grid_i, C_i)``.
+        """Images ``(B, in_chans, H, W)`` -> every level after ``n_passes`` sweeps, channels-last
+        ``(B, *grid_i, C_i)``, level 0 first.
 
         Raises:
+            UsageError (a ValueError): ``x`` is not ``(B, in_chans, H, W)``.
             PlanError: an input size the patch or group sizes do not divide.
         """
+        return self._run_steps(x, self._steps())
+
+    def _steps(self) -> list[tuple[bool, int]]:
+        """The codec steps of the ``n_passes`` sweeps in run order: ``(True, i)`` is transition
+        ``i``'s forward step (it writes levels ``i`` and ``i + 1``), ``(False, i)`` its backward
+        step (it writes level ``i``); forward sweeps run ``0 -> L``, backward sweeps ``L -> 0``."""
+        n, steps = len(self.codecs), []
+        for p in range(self.plan.n_passes):
+            steps += [(True, i) for i in range(n)] if p % 2 == 0 else [(False, i) for i in reversed(range(n))]
+        return steps
+
+    def _steps_until_final(self, take: list[int]) -> list[tuple[bool, int]]:
+        """The steps up to the last one that writes a level of ``take``: after them those levels
+        hold the values of a full run (``stop_early``)."""
+        steps, last = self._steps(), {}
+        for s, (forward, i) in enumerate(steps):
+            last[i] = s
+            if forward:
+                last[i + 1] = s
+        return steps[: max(last[i] for i in take) + 1]
+
+    def _run_steps(self, x: torch.Tensor, steps: list[tuple[bool, int]]) -> list[Optional[torch.Tensor]]:
+        """The stem, then ``steps`` (see :meth:`_steps`); returns the levels as the steps left them
+        (channels-last; None for a level no step reached). With ``grad_checkpointing`` (and
+        autograd on), each step runs under ``torch.utils.checkpoint`` (non-reentrant)."""
         if x.ndim != 4 or x.shape[1] != self.plan.in_chans:
-            raise ValueError(f"expected images (B, {self.plan.in_chans}, H, W), got {tuple(x.shape)}")
+            raise UsageError(f"expected images (B, {self.plan.in_chans}, H, W), got {tuple(x.shape)}")
         if tuple(x.shape[2:]) != self.plan.img_size and not torch.compiler.is_compiling():
             resolve_sft(self.spec.model_copy(update={"img_size": tuple(x.shape[2:])}))  # raises what does not fit
         h = self.stem(x).permute(0, 2, 3, 1)
         levels: list[Optional[torch.Tensor]] = [h + self._pos(tuple(h.shape[1:3]), h.shape[-1], h)]
         levels += [None] * len(self.codecs)
-        for p in range(self.plan.n_passes):
-            if p % 2 == 0:  # forward sweep 0 -> L
-                for i, codec in enumerate(self.codecs):
-                    levels[i], levels[i + 1] = codec.forward_step(levels[i], levels[i + 1])
-            else:  # backward sweep L -> 0
-                for i in reversed(range(len(self.codecs))):
-                    levels[i] = self.codecs[i].backward_step(levels[i], levels[i + 1])
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
+        for forward, i in steps:
+            codec = self.codecs[i]
+            step = codec.forward_step if forward else codec.backward_step
+            args = (levels[i], levels[i + 1])  # the first forward step of a transition gets coarse=None
+            out = torch.utils.checkpoint.checkpoint(step, *args, use_reentrant=False) if recompute else step(*args)
+            if forward:
+                levels[i], levels[i + 1] = out
+            else:
+                levels[i] = out
         return levels
 
     def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, list[int]]] = None,
-                              norm: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
-        """timm-style: the levels ``indices`` (None = all; int n = last n; negatives ok) as NCHW (or
-        NHWC) maps; ``norm`` applies ``norm`` to the top level. Returns the list, or
-        ``(top level NCHW, list)``."""
-        from .encoder import feature_take_indices
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """timm's ``forward_intermediates`` (timm 1.0.31, the signature of its hierarchical models):
+        the levels as feature maps, as :meth:`HierarchicalEncoder.forward_intermediates
+        <hfactory.encoder.HierarchicalEncoder.forward_intermediates>` returns its stages.
+
+        Args:
+            x: images ``(B, in_chans, H, W)``.
+            indices: levels to return: None = all, int n = the last n, list = those (negatives ok).
+            norm: apply ``norm`` (the head norm, per token) to the top level's map when it is returned.
+            stop_early: stop the sweeps as soon as every requested level has its final value (the
+                returned maps are those of a full run). A level is final after the last codec step
+                that writes it: with one pass, level ``i`` after transition ``i``'s forward step
+                (level ``L`` after ``L - 1``'s), so the transitions above the last requested level
+                do not run; with more passes only the steps after that are saved (a backward sweep
+                rewrites every level below the top, so asking for level 0 runs everything).
+            output_fmt: ``'NCHW'`` or ``'NHWC'``.
+            intermediates_only: return only the list.
+
+        Returns:
+            ``list[Tensor]`` (one ``(B, C_i, H_i, W_i)`` map per requested level, or
+            ``(B, H_i, W_i, C_i)`` with NHWC, in level order) if ``intermediates_only``, else
+            ``(final, list)``: ``final`` is the top level ``(B, C_L, H_L, W_L)``, not normed (what
+            :meth:`forward_features` returns), or with ``stop_early`` the last requested level
+            (timm returns the output of the last stage that ran).
+
+        Raises:
+            UsageError (a ValueError): a bad ``output_fmt``, out-of-range ``indices``, images
+                that are not ``(B, in_chans, H, W)``.
+            PlanError: an input size the patch or group sizes do not divide.
+        """
+        from .features import feature_take_indices
 
         if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt {output_fmt!r}: valid are 'NCHW' and 'NHWC'")
-        take, _ = feature_take_indices(len(self.plan.levels), indices)
-        levels = self.forward_levels(x)
+            raise UsageError(f"output_fmt {output_fmt!r}: valid are 'NCHW' and 'NHWC'")
+        take, max_index = feature_take_indices(len(self.plan.levels), indices)
+        levels = self._run_steps(x, self._steps_until_final(take) if stop_early else self._steps())
         out = []
         for i in take:
             y = self.norm(levels[i]) if norm and i == len(levels) - 1 else levels[i]
             out.append(y.permute(0, 3, 1, 2) if output_fmt == "NCHW" else y)
-        return out if intermediates_only else (levels[-1].permute(0, 3, 1, 2), out)
+        if intermediates_only:
+            return out
+        return levels[max_index if stop_early else -1].permute(0, 3, 1, 2), out
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images -> the top level ``(B, C_L, H_L, W_L)``."""
         return self.forward_levels(x)[-1].permute(0, 3, 1, 2)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Top level NCHW -> mean over tokens -> ``norm`` -> ``head``."""
+        """Top level NCHW ``(B, C_L, H_L, W_L)`` -> mean over tokens (the thesis's pooling) ->
+        ``norm`` -> ``head``: logits ``(B, num_classes)``, or the pooled, normed features
+        ``(B, num_features)`` with ``pre_logits=True`` (or 0 classes)."""
         x = self.norm(x.mean(dim=(2, 3)))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, in_chans, H, W)`` -> logits ``(B, num_classes)``; pooled features if 0 classes."""
         return self.forward_head(self.forward_features(x))
 
+    # -- timm model API -----------------------------------------------------------------------
+    @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        """The learnable queries (like position embeddings)."""
+        """Full names of the parameters not to weight-decay beyond timm's automatic rule (1-D
+        parameters and biases): each codec's learnable queries ``codecs.<i>.query`` ``(Q, C_i)``,
+        which play the part of position embeddings (the level-0 position embedding is a fixed
+        sin-cos buffer, not a parameter)."""
         return {n for n, _ in self.named_parameters() if n.endswith(".query")}
+
+    def get_classifier(self) -> nn.Module:
+        """The classifier: ``head``, an ``nn.Linear(num_features, num_classes)``, or
+        ``nn.Identity`` with 0 classes."""
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """timm's ``reset_classifier``: a new ``head`` for ``num_classes`` (0: ``forward`` returns
+        the pooled, normed top level ``(B, num_features)``), initialised as at build
+        (Xavier-uniform weight, zero bias) on the model's device and dtype. ``spec.num_classes``
+        and ``plan`` follow, so the re-headed model saves and reloads.
+
+        Args:
+            num_classes: classes of the new head, ``>= 0``.
+            global_pool: None (keep) or ``'avg'``: the SFT pools by the mean over the top level's
+                tokens (the thesis's classifier), the one pooling its spec has.
+
+        Raises:
+            UsageError (a ValueError): another ``global_pool``.
+            pydantic.ValidationError: a bad ``num_classes`` (negative, not an int); the model is
+                unchanged then.
+        """
+        if global_pool not in (None, "avg"):
+            raise UsageError(f"global_pool {global_pool!r}: an SFT pools by the mean over the top level's tokens "
+                             "(the thesis's classifier); valid: None (keep) or 'avg'")
+        self._set_spec({"num_classes": num_classes})
+        ref = self.stem.weight
+        head = nn.Linear(self.num_features, self.num_classes) if self.num_classes > 0 else nn.Identity()
+        head.apply(_init_weights)
+        self.head = head.to(device=ref.device, dtype=ref.dtype).train(self.training)
+
+    def _set_spec(self, update: dict) -> None:
+        """Replace top-level spec fields (JSON-like values), revalidate and re-plan (as
+        :class:`~hfactory.encoder.HierarchicalEncoder` does)."""
+        self.spec = SFTSpec.model_validate({**self.spec.model_dump(mode="json", exclude_none=True), **update})
+        self.plan = resolve_sft(self.spec)
+
+    def prune_intermediate_layers(self, indices: Union[int, list[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """timm's ``prune_intermediate_layers``: drop what the levels ``indices`` (as in
+        :meth:`forward_intermediates`) do not need, the classifier (``prune_head``) and the head
+        norm (``prune_norm``). ``spec`` and ``plan`` become the pruned model's (fewer ``levels``,
+        ``num_classes: 0``, ``head_norm: identity``), so it saves and reloads, and
+        ``forward_intermediates(x, indices=<the returned list>)`` returns what it did before.
+
+        An SFT's levels are not a stack of stages: codecs above a level refine it, so only what
+        leaves the requested levels' values unchanged is dropped (the last requested level ``m``):
+
+        - ``n_passes == 1``: the transitions above ``m`` go, and transition ``m`` too when it has no
+          self-attention blocks (``forward_layers[0] == 0``); when it has some, they refine level
+          ``m``, so it stays and so does level ``m + 1`` (the model then has ``m + 2`` levels,
+          one more than timm's stage models keep). At least one transition stays (a spec has one).
+        - ``n_passes > 1``: the backward sweeps carry every level into the ones below it, so no
+          transition goes; only the head and norm are pruned (as the flags say).
+
+        When the top level goes, the head norm and the classifier, sized for it, go too whatever
+        the flags (as :meth:`HierarchicalEncoder.prune_intermediate_layers
+        <hfactory.encoder.HierarchicalEncoder.prune_intermediate_layers>`).
+
+        Returns:
+            the requested level indices, non-negative and sorted (timm's ``take_indices``).
+
+        Raises:
+            UsageError (a ValueError): an index out of range (``hfactory.features.feature_take_indices``).
+        """
+        from .features import feature_take_indices
+
+        take, max_index = feature_take_indices(len(self.plan.levels), indices)
+        n = len(self.codecs)
+        if self.plan.n_passes > 1 or max_index == n:
+            keep = n
+        else:
+            keep = max(1, max_index + (1 if self.plan.transitions[max_index].forward_layers[0] > 0 else 0))
+        update: dict = {}
+        if keep < n:
+            self.codecs = self.codecs[:keep]
+            update["levels"] = [lv.model_dump(mode="json", exclude_none=True) for lv in self.spec.levels[:keep]]
+        if prune_norm or keep < n:
+            self.norm = nn.Identity()
+            update["head_norm"] = {"kind": "identity"}
+        if prune_head or keep < n:
+            self.head = nn.Identity()
+            update["num_classes"] = 0
+        if update:
+            self._set_spec(update)
+        return take
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's ``set_grad_checkpointing``: with ``enable``, each codec step (one transition's
+        forward or backward step: its self- and cross-attention blocks and projections) is
+        recomputed in backward instead of storing its activations (``torch.utils.checkpoint``,
+        ``use_reentrant=False``); only the levels between steps are kept. Gradients are unchanged.
+        The step, not the block, is the unit because the levels are what a step hands on; a step
+        with many blocks (the thesis's base config has one with 16) recomputes them all at once."""
+        self.grad_checkpointing = bool(enable)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's ``group_matcher``: regexes over parameter names grouping them by depth, for
+        layer-wise learning-rate decay (``timm.optim.param_groups_layer_decay``).
+
+        ``stem`` is the patch embedding. ``blocks``: coarse, one group per transition's codec
+        (``codecs.<i>``); fine, within each codec its parts in the order a forward then backward
+        sweep first uses them (``fwd_self``, ``query``, ``fwd_cross``, ``up``, ``down``,
+        ``bwd_cross``, ``bwd_self``), then the head norm, merged into the last group (timm's
+        ``(99999,)``). The regexes are disjoint. As in timm and
+        :class:`~hfactory.encoder.HierarchicalEncoder`, the classifier ``head`` (and, coarse,
+        ``norm``) match none: timm puts unmatched parameters in the last group.
+        """
+        parts = ("fwd_self", "query", "fwd_cross", "up", "down", "bwd_cross", "bwd_self")
+        return dict(
+            stem=r"^stem\.",
+            blocks=r"^codecs\.(\d+)\." if coarse else [
+                *((rf"^codecs\.(\d+)\.{part}(?:\.|$)", (k,)) for k, part in enumerate(parts)),
+                (r"^norm\.", (99999,)),
+            ],
+        )
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -43,21 +43,12 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["summarize", "format_summary", "count_macs", "saved_activation_bytes", "describe_component"]
+from .errors import UsageError
+from .plan import describe_entry
+
+__all__ = ["summarize", "format_summary", "count_macs", "saved_activation_bytes"]
 
 OTHER = "head"  # label of whatever runs outside the named parts (final norm, pooling, classifier)
-
-
-def describe_component(component: dict) -> str:
-    """A short name of a resolved component: ``conv7/s4/p2``, ``attention``, ``pooling3``, ..."""
-    kind = component.get("kind", "?")
-    if kind == "conv" and "patch_size" in component:
-        return f"conv{component['patch_size']}/s{component['stride']}/p{component.get('padding', 0)}"
-    if kind == "pooling" and "pool_size" in component:
-        return f"pooling{component['pool_size']}"
-    if kind == "sepconv" and "kernel_size" in component:
-        return f"sepconv{component['kernel_size']}"
-    return kind
 
 
 @contextlib.contextmanager
@@ -206,7 +197,7 @@ def saved_activation_bytes(model: nn.Module, images: torch.Tensor, parts: Option
 def check_batch(batch) -> None:
     """Raise ValueError unless ``batch`` (images per measured forward) is an integer >= 1."""
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"--batch {batch!r}: must be an integer >= 1 (images per measured forward)")
+        raise UsageError(f"--batch {batch!r}: must be an integer >= 1 (images per measured forward)")
 
 
 def summarize(spec, batch: int = 1) -> dict:
@@ -220,7 +211,7 @@ def summarize(spec, batch: int = 1) -> dict:
         a JSON-ready dict: ``name``, ``img_size``, ``batch``, ``stages`` (one dict per stage:
         ``index, in_grid, out_grid, tokens, in_chs, out_chs, heads, depth, mixer, downsample,
         params, gmacs, activation_bytes``), ``head`` and ``total`` (``params, gmacs,
-        activation_bytes``), ``param_bytes``, ``attention`` (how attention memory was counted),
+        activation_bytes``), ``param_bytes``, ``attention_memory`` (how attention memory was counted),
         ``seconds``, ``definitions`` and ``unmeasured`` (None; or why every ``gmacs`` and
         ``activation_bytes`` is None: a layer that cannot run on the meta device).
 
@@ -255,7 +246,8 @@ def summarize(spec, batch: int = 1) -> dict:
         stages.append({
             "index": s.index, "in_grid": list(s.in_grid), "out_grid": list(s.out_grid), "tokens": s.seq_len,
             "in_chs": s.in_chs, "out_chs": s.out_chs, "heads": s.num_heads, "depth": s.depth,
-            "mixer": describe_component(s.token_mixer), "downsample": describe_component(s.downsample),
+            "mixer": describe_entry("token_mixer", s.token_mixer, [b.token_mixer for b in s.blocks]),
+            "downsample": describe_entry("downsample", s.downsample),
             "params": sum(p.numel() for p in stage.parameters()), "gmacs": _g(macs[label]),
             "activation_bytes": saved[label],
         })
@@ -267,7 +259,7 @@ def summarize(spec, batch: int = 1) -> dict:
         "head": {"params": head_params, "gmacs": _g(macs[OTHER]), "activation_bytes": saved[OTHER]},
         "total": {"params": total_params, "gmacs": _g(macs["total"]), "activation_bytes": saved["total"]},
         "param_bytes": total_params * max(dtype_bytes),
-        "attention": "fused (q, k, v, out, logsumexp, bias saved)" if fused else "math ((B, H, N, N) probabilities saved)",
+        "attention_memory": "fused (q, k, v, out, logsumexp, bias saved)" if fused else "math ((B, H, N, N) probabilities saved)",
         "seconds": time.perf_counter() - tick,
         "unmeasured": unmeasured,
         # Sparse MAE pretraining (hfactory pretrain): None without mask units, else the plan's verdict
@@ -330,7 +322,7 @@ def format_summary(summary: dict) -> str:
                  f"holds about 4x that: weights, gradients, 2 moments)")
     lines.append(f"GMACs: per image, conv/matmul only (FlopCounterMode FLOPs / 2, as timm reports); "
                  f"act. mem: tensors saved for backward by a training forward of {summary['batch']} image(s), "
-                 f"attention counted as {summary['attention']}")
+                 f"attention counted as {summary['attention_memory']}")
     if summary.get("unmeasured"):
         lines.append(f"GMACs and activation memory not measured: {summary['unmeasured']}")
     if summary.get("mae"):

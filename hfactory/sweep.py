@@ -20,10 +20,11 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from .errors import OverrideError, UsageError
 from .plan import Plan, resolve
 from .spec.io import dump_spec, load_yaml
 from .spec.model import EncoderSpec
-from .spec.variants import OverrideError, _yaml_reason, scale
+from .spec.variants import _yaml_reason, scale
 
 __all__ = ["expand_grid", "sweep", "parse_grid", "format_sweep", "RULE_KEYS"]
 
@@ -36,18 +37,18 @@ def parse_grid(text: str) -> tuple[str, list]:
     ``window_size=[7,7],[8,8]`` gives two lists.
 
     Raises:
-        ValueError: no ``=``, or no values.
+        UsageError (a ValueError): no ``=``, values that are not YAML, or no values.
     """
     path, sep, raw = text.partition("=")
     if not sep or not path.strip():
-        raise ValueError(f"--grid {text!r}: expected PATH=V1,V2,..., e.g. stages.2.depth=6,9,12")
+        raise UsageError(f"--grid {text!r}: expected PATH=V1,V2,..., e.g. stages.2.depth=6,9,12")
     try:
         values = load_yaml(f"[{raw}]") if raw.strip() else []
     except ValueError as err:
-        raise ValueError(f"--grid {path.strip()}: values {raw!r} are not a comma-separated list of YAML values "
+        raise UsageError(f"--grid {path.strip()}: values {raw!r} are not a comma-separated list of YAML values "
                          f"({_yaml_reason(err)}); e.g. {path.strip()}=6,9,12 or window_size=[7,7],[8,8]") from None
     if not values:
-        raise ValueError(f"--grid {path.strip()}: no values; give at least one, e.g. {path.strip()}=1,2")
+        raise UsageError(f"--grid {path.strip()}: no values; give at least one, e.g. {path.strip()}=1,2")
     return path.strip(), [float(v) if isinstance(v, str) and _number(v) else v for v in values]
 
 
@@ -143,7 +144,7 @@ def sweep(spec: EncoderSpec, grid: Mapping[str, list], batch: int = 1) -> list[d
     whole variant (a test checks presets of every family).
 
     Raises:
-        ValueError: ``batch`` < 1; a bad grid (see :func:`expand_grid`).
+        UsageError (a ValueError): ``batch`` < 1; a bad grid (see :func:`expand_grid`).
         OverrideError / pydantic.ValidationError / PlanError: a variant that is not a valid spec.
     """
     from .encoder import HierarchicalEncoder

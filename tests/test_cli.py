@@ -343,3 +343,87 @@ def test_summary_states_the_mae_verdict(capsys):
     assert status == 0 and "sparse MAE pretraining (mask units): compatible" in out
     status, out, _ = run(capsys, "summary", "caformer_s18")  # no mask units: nothing to say
     assert status == 0 and "MAE" not in out
+
+
+# -- user errors vs internal errors ------------------------------------------------------------
+
+@pytest.mark.parametrize("error", [ValueError("Expected all tensors to be on the same device"),
+                                   RuntimeError("mat1 and mat2 shapes cannot be multiplied"),
+                                   KeyError("stages")])
+def test_internal_error_exits_1_with_traceback_and_bug_line(capsys, monkeypatch, tiny, error):
+    """An exception that is not one of hfactory's user errors (here raised from deep inside the
+    summary, as torch would) is a bug: traceback, one line saying so, exit 1, never exit 2."""
+    import hfactory.plan as plan
+
+    def broken(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(plan, "resolve", broken)  # summarize() looks it up when it runs
+    status, _, err = run(capsys, "summary", str(tiny))
+    assert status == 1, err
+    assert "Traceback (most recent call last)" in err and "in broken" in err  # the full traceback
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("hfactory summary: internal error (a bug; please report it with the traceback above)")
+    assert type(error).__name__ in last and str(error).strip("'") in last
+    assert "hfactory summary: error:" not in err  # not dressed up as bad input
+
+
+@pytest.mark.parametrize("make", [lambda: hfactory.PlanError("stages.1.num_heads", "5 heads do not divide 48"),
+                                  lambda: __import__("hfactory.errors").errors.UsageError("--batch 0: must be >= 1"),
+                                  lambda: FileNotFoundError("data directory /nowhere not found")])
+def test_user_errors_exit_2_without_traceback(capsys, monkeypatch, tiny, make):
+    import hfactory.plan as plan
+
+    error = make()
+
+    def refuse(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(plan, "resolve", refuse)  # summarize() looks it up when it runs
+    status, _, err = run(capsys, "summary", str(tiny))
+    assert_clean_error(status, err, f"hfactory summary: error: {error}")
+    assert "internal error" not in err
+
+
+def test_what_a_user_error_is():
+    """The CLI (exit 2) and torchrun processes (hfactory.train.distributed) classify failures with
+    the one set in hfactory.errors: hfactory's types, validation, missing paths; not built-ins."""
+    from pydantic import BaseModel
+
+    from hfactory.errors import USER_ERRORS, NonFiniteLossError, OverrideError, QuietAbort, UsageError, is_user_error
+
+    class Strict(BaseModel):
+        depth: int
+
+    try:
+        Strict(depth="deep")
+    except Exception as err:  # pydantic's ValidationError
+        invalid = err
+    errors = [UsageError("x"), hfactory.PlanError("a", "b"), OverrideError("p", "m"), NonFiniteLossError("nan"),
+              QuietAbort(), invalid, FileNotFoundError("f"), IsADirectoryError("d"), NotADirectoryError("n"),
+              ValueError("torch"), RuntimeError("torch"), TypeError("t"), KeyError("k"), PermissionError("p")]
+    assert [is_user_error(e) for e in errors] == [isinstance(e, USER_ERRORS) for e in errors]
+    assert [is_user_error(e) for e in errors] == [True] * 9 + [False] * 5
+
+
+def test_training_library_never_imports_the_cli():
+    """The command line imports the training library, never the reverse (the import graph is a DAG)."""
+    import ast
+
+    for path in (ROOT / "hfactory" / "train").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                target = ("." * node.level) + (node.module or "")
+                names = [a.name for a in node.names]
+                assert not (target in ("..cli", "hfactory.cli") or target.startswith(("..cli.", "hfactory.cli."))
+                            or (target in ("..", "hfactory") and "cli" in names)), f"{path.name} imports {target}"
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("hfactory.cli") for a in node.names), path.name
+
+
+def test_building_the_parser_does_not_import_torch():
+    code = ("import sys; from hfactory.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'sklearn')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

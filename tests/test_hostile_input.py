@@ -129,20 +129,20 @@ def billion_laughs(levels: int = 9) -> str:
 
 HOSTILE_DOCUMENTS = {
     # 9^10 "lol"s once expanded; refused at the first alias, before any expansion
-    "billion laughs": (billion_laughs(), "ValueError", "aliases"),
-    "alias in a stage": ("base: &b {embedding: 8}\nstages: [*b, *b]", "ValueError", "aliases"),
-    "merge key": ("b: &b {embedding: 8}\nstages: [{<<: *b}]", "ValueError", "aliases"),
-    "recursive alias": ("a: &a [*a]", "ValueError", "aliases"),
-    "nested [ x 99999": ("[" * 99_999, "ValueError", "nesting too deep"),
-    "nested { x 24999": ("{a: " * 24_999, "ValueError", "nesting too deep"),
-    "nested - x 49999": ("- " * 49_999, "ValueError", "nesting too deep"),
-    "indentation nesting": ("a:\n" + "".join(" " * i + "b:\n" for i in range(1, 440)), "ValueError",
+    "billion laughs": (billion_laughs(), "UsageError", "aliases"),
+    "alias in a stage": ("base: &b {embedding: 8}\nstages: [*b, *b]", "UsageError", "aliases"),
+    "merge key": ("b: &b {embedding: 8}\nstages: [{<<: *b}]", "UsageError", "aliases"),
+    "recursive alias": ("a: &a [*a]", "UsageError", "aliases"),
+    "nested [ x 99999": ("[" * 99_999, "UsageError", "nesting too deep"),
+    "nested { x 24999": ("{a: " * 24_999, "UsageError", "nesting too deep"),
+    "nested - x 49999": ("- " * 49_999, "UsageError", "nesting too deep"),
+    "indentation nesting": ("a:\n" + "".join(" " * i + "b:\n" for i in range(1, 440)), "UsageError",
                             "nesting too deep"),
     # the largest document still parsed: 9000 unknown keys, each an error
     "9000 unknown keys": ("{" + ", ".join(f"k{i}: 1" for i in range(9000)) + "}", "ValidationError", "unknown key"),
     "2500 stages": ("stages:\n" + "- {embedding: 8, token_mixer: pooling}\n" * 2500, "PlanError", "blocks"),
-    "10 MB document": ("stages: [{embedding: 8}]\nname: " + "x" * 10_000_000, "ValueError", "larger than"),
-    "5000-digit integer": ("stages: [{embedding: " + "9" * 5000 + "}]", "ValueError", "too long"),
+    "10 MB document": ("stages: [{embedding: 8}]\nname: " + "x" * 10_000_000, "UsageError", "larger than"),
+    "5000-digit integer": ("stages: [{embedding: " + "9" * 5000 + "}]", "UsageError", "too long"),
     "petabyte width": ("stages: [{embedding: 9999999999}]", "PlanError", "larger than 65536"),
     "googol width": ("stages: [{embedding: " + "1" + "0" * 100 + "}]", "PlanError", "101-digit"),
 }

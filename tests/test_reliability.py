@@ -243,7 +243,8 @@ def test_files_saved_with_the_first_hash_and_lineage_format_still_load(tmp_path)
     """Before spec_hash covered non-default fields only (and lineage recorded steps), hfactory
     wrote SHA-256 of the full dump and lineage {base, changes, rule}. The two hashes below were
     written by that code (commit 6d5504a) for caformer_s18 and for it with stages.3.depth = 2."""
-    from hfactory.encoder import load_model, save_model_dir, spec_hashes
+    from hfactory.io import save_model_dir, spec_hashes
+    from hfactory.models import load_model
 
     plain = load_preset("caformer_s18")
     assert "d3883d15d1d0f967" in spec_hashes(plain)

@@ -231,7 +231,7 @@ def test_an_sft_spec_given_where_encoder_specs_go_says_how_to_build_it(capsys):
     from hfactory.cli import main
     from hfactory.spec.io import SpecKindError
 
-    with pytest.raises(SpecKindError, match=r"digits.yaml: this is an SFT spec .* hfactory.sft.build_sft"):
+    with pytest.raises(SpecKindError, match=r"digits.yaml: this is an SFT spec .* hfactory.build\(spec\)"):
         load_spec(EXAMPLE)
     assert main(["sweep", EXAMPLE, "--grid", "n_passes=1,2"]) == 2  # sweep takes encoder specs only
     assert "this is an SFT spec (it has 'levels', not 'stages')" in capsys.readouterr().err
@@ -274,3 +274,193 @@ def test_sft_through_the_cli_summary_train_eval(tmp_path, capsys):
     assert "--set changes encoder specs" in capsys.readouterr().err
     assert main(["sweep", EXAMPLE, "--grid", "n_passes=1,2"]) == 2
     assert "hfactory train, eval and summary take either" in capsys.readouterr().err
+
+
+# -- the backbone API (issue 12): HierarchicalEncoder's methods with the same semantics --------
+
+def _digits(n_passes=3, **over):
+    torch.manual_seed(n_passes)
+    return build_sft(spec(n_passes=n_passes, **over)).eval()
+
+
+def test_reset_classifier_reheads_and_the_model_saves_and_reloads(tmp_path):
+    from pydantic import ValidationError
+
+    from hfactory.models import load
+
+    model = _digits()
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        top = model.forward_features(x)
+    pooled = F.layer_norm(top.mean(dim=(2, 3)), (64,), model.norm.weight, model.norm.bias)  # mean, then the norm
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_head(top, pre_logits=True), pooled)
+    assert model.get_classifier() is model.head and tuple(model.head.weight.shape) == (10, 64)
+    assert model.num_features == model.head_hidden_size == model.feature_info[-1]["num_chs"] == 64
+    assert model.in_chans == 1
+
+    model.reset_classifier(5, global_pool="avg")
+    assert model.spec.num_classes == model.plan.num_classes == model.num_classes == 5
+    head = model.get_classifier()
+    assert isinstance(head, torch.nn.Linear) and tuple(head.weight.shape) == (5, 64) and not head.bias.any()
+    with torch.no_grad():
+        logits = model(x)
+        torch.testing.assert_close(model.forward_features(x), top)  # the body is untouched
+        torch.testing.assert_close(logits, head(pooled))
+    assert logits.shape == (2, 5)
+    loaded = load(model.save_pretrained(tmp_path / "reheaded")).eval()
+    assert loaded.spec == model.spec and loaded.num_classes == 5
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), logits)
+
+    model.reset_classifier(0)
+    assert isinstance(model.get_classifier(), torch.nn.Identity) and model.spec.num_classes == 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), pooled)  # 0 classes: the pooled, normed features
+    with pytest.raises(ValueError, match="valid: None \\(keep\\) or 'avg'"):
+        model.reset_classifier(3, global_pool="max")
+    with pytest.raises(ValidationError):
+        model.reset_classifier(-1)
+    assert model.spec.num_classes == 0 and isinstance(model.head, torch.nn.Identity)  # unchanged by the errors
+
+
+@pytest.mark.parametrize("n_passes", [1, 2])
+def test_grad_checkpointing_recomputes_steps_with_the_same_gradients(n_passes):
+    model = _digits(n_passes).train()
+    x = torch.randn(2, 1, 16, 16)
+
+    def grads_and_saved():
+        model.zero_grad(set_to_none=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            final, levels = model.forward_intermediates(x)
+            loss = sum(t.square().mean() for t in levels) + model.forward_head(final).logsumexp(-1).sum()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}, sum(saved)
+
+    plain, saved_plain = grads_and_saved()
+    assert not model.grad_checkpointing
+    model.set_grad_checkpointing()
+    assert model.grad_checkpointing
+    ckpt, saved_ckpt = grads_and_saved()
+    assert saved_ckpt < saved_plain / 2  # the steps' activations are not kept for backward
+    assert plain.keys() == ckpt.keys()
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=0, atol=1e-5, msg=name)
+    with torch.no_grad():
+        assert model(x).shape == (2, 10)  # no autograd: plain forward
+    model.set_grad_checkpointing(False)
+    assert not model.grad_checkpointing
+
+
+@pytest.mark.parametrize("n_passes,layers,indices,kept_codecs", [
+    (1, [1, 1], [0], 1),    # transition 0's self blocks refine level 0: it stays, level 1 too
+    (1, [0, 1], [-2], 1),   # transition 1 has no self blocks: levels 0 and 1 are all that is left
+    (1, [1, 1], 1, 2),      # the top level: nothing but the head goes
+    (3, [1, 1], [0, 1], 2), # backward sweeps feed every level: nothing goes
+])
+def test_prune_intermediate_layers_keeps_the_requested_levels_exact(tmp_path, n_passes, layers, indices,
+                                                                     kept_codecs):
+    from hfactory.models import load
+    from hfactory.sft import SFTEncoder
+
+    levels = spec().model_dump(mode="json", exclude_none=True)["levels"]
+    levels[1]["forward_layers"] = layers
+    model = _digits(n_passes, levels=levels)
+    x = torch.randn(2, 1, 16, 16)
+    names = set(model.state_dict())
+    with torch.no_grad():
+        full = model.forward_intermediates(x, intermediates_only=True)
+    take = model.prune_intermediate_layers(indices)
+    assert take == {(0,): [0], (-2,): [1], 1: [2], (0, 1): [0, 1]}[tuple(indices) if isinstance(indices, list)
+                                                                    else indices]
+    with torch.no_grad():
+        pruned = model.forward_intermediates(x, indices=take, intermediates_only=True)
+    for i, got in zip(take, pruned):
+        torch.testing.assert_close(got, full[i], rtol=0, atol=0)
+    # what stays: the stem and the first kept_codecs codecs, with the norm only when the top level stays
+    top_kept = kept_codecs == 2
+    want = {n for n in names if n.startswith("stem.") or any(n.startswith(f"codecs.{i}.") for i in range(kept_codecs))
+            or (top_kept and n.startswith("norm."))}
+    assert set(model.state_dict()) == want
+    assert len(model.codecs) == len(model.spec.levels) == len(model.plan.transitions) == kept_codecs
+    assert model.spec.num_classes == 0 and isinstance(model.get_classifier(), torch.nn.Identity)
+    assert model.plan == resolve_sft(model.spec)  # spec and plan stay true
+    assert {k: v.shape for k, v in SFTEncoder(model.spec).state_dict().items()} == \
+        {k: v.shape for k, v in model.state_dict().items()}
+    assert model.no_weight_decay() <= set(dict(model.named_parameters()))
+    with torch.no_grad():
+        assert model(x).shape == (2, model.num_features)  # pooled features of the kept top level
+    loaded = load(model.save_pretrained(tmp_path / "pruned")).eval()
+    with torch.no_grad():
+        again = loaded.forward_intermediates(x, indices=take, intermediates_only=True)
+    for i, got in zip(take, again):
+        torch.testing.assert_close(got, full[i])
+
+
+def test_prune_norm_and_bad_indices():
+    model = _digits()
+    with pytest.raises(ValueError, match="out of range for 3 stages"):
+        model.prune_intermediate_layers([3])
+    assert model.prune_intermediate_layers(prune_norm=True, prune_head=False) == [2]
+    assert isinstance(model.norm, torch.nn.Identity) and model.spec.head_norm.kind == "identity"
+    assert model.num_classes == 10 and len(model.plan.levels) == 3
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 16, 16)).shape == (1, 10)
+
+
+@pytest.mark.parametrize("n_passes", [1, 2, 3])
+def test_stop_early_returns_what_a_full_run_returns_and_skips_steps(n_passes):
+    import re
+
+    model = _digits(n_passes)
+    x = torch.randn(2, 1, 16, 16)
+    calls: dict = {}
+    for name, module in model.named_modules():
+        if re.fullmatch(r"codecs\.\d+\.(fwd|bwd)_(self|cross)\.\d+", name):  # one block
+            module.register_forward_hook(lambda m, a, o, key=name.rsplit(".", 1)[0]: calls.update({key: 1}))
+    with torch.no_grad():
+        final, full = model.forward_intermediates(x)
+        for indices in ([0], [1], [2], [0, 2], None):
+            calls.clear()
+            early_final, early = model.forward_intermediates(x, indices=indices, stop_early=True)
+            take = list(range(3)) if indices is None else indices
+            for i, got in zip(take, early):
+                torch.testing.assert_close(got, full[i], rtol=0, atol=0)
+            torch.testing.assert_close(early_final, full[max(take)])  # the last requested level
+            ran = set(calls)
+            if n_passes == 1 and take == [0]:  # level 0 is final after transition 0's forward step
+                assert ran == {"codecs.0.fwd_self", "codecs.0.fwd_cross"}
+            if n_passes == 2 and take == [2]:  # the top level is final before the backward sweep
+                assert ran == {"codecs.0.fwd_self", "codecs.0.fwd_cross", "codecs.1.fwd_self", "codecs.1.fwd_cross"}
+            if n_passes == 2 and take == [0]:  # the backward sweep ends at level 0: everything runs
+                assert "codecs.0.bwd_self" in ran
+        normed = model.forward_intermediates(x, indices=[2], norm=True, stop_early=True, intermediates_only=True)
+        torch.testing.assert_close(normed[0], model.norm(full[2].permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+        torch.testing.assert_close(final, full[-1])
+
+
+@pytest.mark.parametrize("coarse", [False, True])
+def test_group_matcher_puts_every_parameter_in_one_group(coarse):
+    import re
+
+    model = _digits(2)  # with backward codecs (down, bwd_cross, bwd_self)
+    matcher = model.group_matcher(coarse=coarse)
+    assert list(matcher) == ["stem", "blocks"]
+    regexes = [matcher["stem"]] + ([matcher["blocks"]] if coarse else [r for r, _ in matcher["blocks"]])
+    unmatched = {"head.weight", "head.bias"} | ({"norm.weight", "norm.bias"} if coarse else set())
+    for name, _ in model.named_parameters():
+        hits = [r for r in regexes if re.match(r, name)]
+        assert len(hits) == (0 if name in unmatched else 1), (name, hits)
+    # timm's grouping (layer-wise lr decay) of these regexes: the stem first, codec 0 before codec 1,
+    # within a codec the forward parts before the backward ones, the head last
+    timm_models = pytest.importorskip("timm.models")
+    layer = timm_models.group_parameters(model, matcher, reverse=True)
+    assert layer["stem.weight"] == 0 and layer["head.weight"] == max(layer.values())
+    assert layer["codecs.0.bwd_self.0.mlp.fc1.weight"] < layer["codecs.1.fwd_self.0.mlp.fc1.weight"]
+    if not coarse:
+        assert (layer["codecs.0.fwd_self.0.mlp.fc1.weight"] < layer["codecs.0.query"]
+                < layer["codecs.0.fwd_cross.0.mlp.fc1.weight"] < layer["codecs.0.up.1.weight"]
+                < layer["codecs.0.down.1.weight"] < layer["codecs.0.bwd_cross.0.mlp.fc1.weight"]
+                < layer["codecs.0.bwd_self.0.mlp.fc1.weight"])
+        assert layer["norm.weight"] == layer["codecs.1.bwd_self.0.mlp.fc1.weight"]  # merged into the last block group

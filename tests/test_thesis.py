@@ -15,7 +15,6 @@ from hfactory import PlanError, from_pretrained, load_spec, resolve
 from hfactory.encoder import build_encoder
 from hfactory.layers.attention import attention
 from hfactory.layers.thesis import GreedyMerging, greedy_merge_groups
-from hfactory.layers.token_sizes import set_token_sizes
 
 EXAMPLE = "examples/caformer_s18_downsamplers.yaml"
 SIMPLE = ["avg", "max", "rand_conv", "sp_lin", "sp_mlp", "rand"]
@@ -110,8 +109,9 @@ def test_downsampler_plan_errors():
         resolve(tiny({"kind": "max", "kernel_size": 2, "stride": 2, "padding": 1}))
     assert err.value.loc == "stages.1.downsample.padding"
     model = build_encoder(tiny({"kind": "sp_lin"}))
-    with pytest.raises(ValueError, match="exactly 16x16 tokens"):
-        model(torch.randn(1, 3, 64, 64))
+    with pytest.raises(PlanError, match="runs only on 32x32 images, not 64x64") as err:
+        model(torch.randn(1, 3, 64, 64))  # refused by the plan, before any weight is used
+    assert err.value.loc == "stages.1.downsample"
 
 
 # ------------------------------------------------------------------------------- greedy merging
@@ -200,11 +200,12 @@ def test_geme_in_the_plan_and_the_model():
     # the head's pool weights each merged token by its size (here recomputed from the labels)
     ds = model.stages[3].downsample
     with torch.no_grad():
-        t = model.stages[2](model.stages[1](model.stages[0](x.permute(0, 2, 3, 1))))
+        t, no_sizes = model.stages[2](*model.stages[1](*model.stages[0](x.permute(0, 2, 3, 1))))
+        assert no_sizes is None  # sizes start at the merge
         k, _ = ds.to_kv(ds.norm1(t.flatten(1, 2))).chunk(2, -1)
         labels = greedy_merge_groups(k, 4)
         sizes = torch.stack([torch.bincount(lab, minlength=4) for lab in labels]).float()
-        set_token_sizes(sizes)
+        torch.testing.assert_close(model.stages[3](t)[1], sizes)  # the stage returns them with its tokens
         pooled = (final.flatten(2) * (sizes / 16)[:, None]).sum(-1)
         want = model.head.fc(model.norm(pooled))
     torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-5)
@@ -256,7 +257,7 @@ def ref_att0(model, x, att0):
     from the facts (not hfactory's code), reading the weights of ``model``; returns the stage-3
     tokens (B, N', C) and the sizes (or None)."""
     with torch.no_grad():
-        t = model.stages[1](model.stages[0](x.permute(0, 2, 3, 1)))
+        t, _ = model.stages[1](*model.stages[0](x.permute(0, 2, 3, 1)))
         stage = model.stages[2]
         t = stage.pos_embed(stage.downsample(t))
         b, h, w, c = t.shape
@@ -312,8 +313,11 @@ def test_att0_matches_the_thesis_computation(att0):
     want, sizes = ref_att0(model, x, att0)
     with torch.no_grad():
         maps = model.forward_intermediates(x, intermediates_only=True)
-        stage3_in = model.stages[3].downsample(model.stages[2](model.stages[1](model.stages[0](
-            x.permute(0, 2, 3, 1)))))
+        stage2, _ = model.stages[2](*model.stages[1](*model.stages[0](x.permute(0, 2, 3, 1))))
+        stage3_in = model.stages[3].downsample(stage2)
+    got = None
+    if isinstance(stage3_in, tuple):  # an assignment: the downsampler returns sizes with its tokens
+        stage3_in, got = stage3_in
     torch.testing.assert_close(stage3_in.reshape(want.shape), want, rtol=1e-4, atol=1e-5)
     # intermediates drop the clusters: stage 2 is its 4x4 grid
     assert tuple(maps[2].shape) == (2, 32, 4, 4)
@@ -324,10 +328,8 @@ def test_att0_matches_the_thesis_computation(att0):
     assert plan.stages[2].carry["num_clusters"] == 8
     assert ("stages.2.carry.clusters" in model.no_weight_decay()) == (not grid_out)
     assert [b.token_mixer["kind"] for b in plan.stages[2].blocks] == ["cluster_attention"]
+    assert (got is None) == (sizes is None) and model.stages[3].downsample.emits_token_sizes == (sizes is not None)
     if sizes is not None:
-        from hfactory.layers.token_sizes import get_token_sizes
-
-        got = get_token_sizes(2, 4, "test")
         torch.testing.assert_close(got, sizes, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(got.sum(-1), torch.full((2,), 16.0), rtol=1e-4, atol=1e-4)  # every token once
         assert plan.head["token_sizes"] and plan.stages[3].token_mixer["token_sizes"]

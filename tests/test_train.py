@@ -18,10 +18,11 @@ torch = pytest.importorskip("torch")
 from safetensors.torch import load_file  # noqa: E402
 
 from hfactory.cli import main  # noqa: E402
-from hfactory.encoder import from_pretrained, spec_hash  # noqa: E402
+from hfactory.encoder import from_pretrained  # noqa: E402
+from hfactory.io import spec_hash  # noqa: E402
 from hfactory.spec.io import load_spec  # noqa: E402
 from hfactory.train import TrainConfig  # noqa: E402
-from hfactory.train import loop  # noqa: E402
+from hfactory.train import classify, loop  # noqa: E402
 from hfactory.train.checkpoint import find_checkpoint  # noqa: E402
 from hfactory.train.data import load_digits  # noqa: E402
 
@@ -158,7 +159,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_spec, tmp_path
             loss = super().forward(logits, target)
             return loss * float("nan") if calls["n"] > STEPS_PER_EPOCH + 3 else loss
 
-    monkeypatch.setattr(loop.nn, "CrossEntropyLoss", NaNAfterOneEpoch)
+    monkeypatch.setattr(classify.nn, "CrossEntropyLoss", NaNAfterOneEpoch)
     out = tmp_path / "nan"
     assert main(["train", str(tiny_spec), "--out", str(out), "--epochs", "3", *FAST]) == 1
     err = capsys.readouterr().err
@@ -254,11 +255,11 @@ def test_shift_augmentation_of_shares_equals_one_process():
     from hfactory.train.distributed import DistContext, shard_positions
 
     x = torch.randn(11, 1, 16, 16)
-    full = loop._random_shift(x, 2, torch.Generator().manual_seed(5), fill=-1.0)
+    full = classify._random_shift(x, 2, torch.Generator().manual_seed(5), fill=-1.0)
     for world in (2, 3):
         for rank in range(world):
             rows = shard_positions(len(x), DistContext(rank, world))
-            share = loop._random_shift(x[rows], 2, torch.Generator().manual_seed(5), -1.0, rows, len(x))
+            share = classify._random_shift(x[rows], 2, torch.Generator().manual_seed(5), -1.0, rows, len(x))
             assert torch.equal(share, full[rows])
     # and the default fill (the batch minimum) is the digits training set's minimum for every batch
     data = load_digits((16, 16), 1)

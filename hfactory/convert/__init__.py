@@ -12,6 +12,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from . import hiera as _hiera  # noqa: F401  (each import registers a family)
 from . import metaformer as _metaformer  # noqa: F401
 from . import swin as _swin  # noqa: F401
@@ -57,7 +58,7 @@ def from_timm(timm_model: nn.Module):
     family = next((f for f in FAMILIES if f.timm_class == cls and f.spec_from_timm), None)
     if family is None:
         known = ", ".join(f.timm_class for f in FAMILIES if f.timm_class)
-        raise ValueError(f"no hfactory family for timm class {cls}; supported: {known}")
+        raise UsageError(f"no hfactory family for timm class {cls}; supported: {known}")
     model = build_encoder(family.spec_from_timm(timm_model))
     model.load_state_dict(convert_state_dict(timm_model.state_dict(), model, family), strict=True)
     return model

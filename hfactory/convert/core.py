@@ -16,6 +16,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from .resize import resize_to_model
 
 __all__ = ["Family", "FAMILIES", "register_family", "convert_state_dict", "mismatch_report"]
@@ -82,12 +83,12 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
         found = [f for f in FAMILIES if f.detect(state_dict)]
         if not found:
             sample = ", ".join(list(state_dict)[:5])
-            raise ValueError(f"no converter recognises this state dict (first keys: {sample}); known families: "
+            raise UsageError(f"no converter recognises this state dict (first keys: {sample}); known families: "
                              f"{', '.join(f.name for f in FAMILIES)}")
         family = found[0]
     mapped = resize_to_model(family.map(state_dict, model), model.state_dict(), model)
     report = mismatch_report(model.state_dict(), mapped)
     if report:
-        raise ValueError(f"{family.name} state dict does not fit this model ({getattr(model, 'spec', None) and model.spec.name}); "
+        raise UsageError(f"{family.name} state dict does not fit this model ({getattr(model, 'spec', None) and model.spec.name}); "
                          f"{report}")
     return mapped

@@ -25,6 +25,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from .core import Family, mismatch_report, register_family
 
 __all__ = ["map_hiera", "spec_from_timm_hiera", "from_package_keys", "from_hiera_mae_state_dict"]
@@ -66,9 +67,9 @@ def _raster_grid(n: int, grid: tuple[int, int]) -> tuple[int, int] | None:
     return (side, side) if side * side == n else None
 
 
-def _grid_error(key: str, source: torch.Tensor, target: torch.Tensor, layout: str) -> ValueError:
+def _grid_error(key: str, source: torch.Tensor, target: torch.Tensor, layout: str) -> UsageError:
     n = source.shape[1]
-    return ValueError(
+    return UsageError(
         f"{key}: source {tuple(source.shape)} vs model {tuple(target.shape)}: {n} tokens are neither the model's "
         f"{target.shape[1]}x{target.shape[2]} grid nor a square one, so the source grid cannot be inferred; pass "
         f"the source grid by giving {key} as {layout}")
@@ -138,8 +139,8 @@ def map_hiera(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict:
     return out
 
 
-def _unsupported(what: str) -> ValueError:
-    return ValueError(f"timm Hiera with {what} has no hfactory equivalent (supported: 2-D images, learned or "
+def _unsupported(what: str) -> UsageError:
+    return UsageError(f"timm Hiera with {what} has no hfactory equivalent (supported: 2-D images, learned or "
                       "abs-win position embedding, avg/max pooling, square patch embedding)")
 
 
@@ -281,5 +282,5 @@ def from_hiera_mae_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.
                           "(H, W = the source's decoder grid: its last stage's grid times the unrolled strides)")
     report = mismatch_report(expected, out)
     if report:
-        raise ValueError(f"hiera MAE state dict does not fit this model ({model.spec.name}); {report}")
+        raise UsageError(f"hiera MAE state dict does not fit this model ({model.spec.name}); {report}")
     return out

@@ -13,6 +13,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from .core import Family, register_family
 
 __all__ = ["map_metaformer", "spec_from_timm_metaformer"]
@@ -43,7 +44,7 @@ def _norm(module: nn.Module) -> dict:
         return {"kind": "layernorm", "eps": module.eps, "bias": bias}
     if isinstance(module, nn.Identity):
         return {"kind": "identity"}
-    raise ValueError(f"no hfactory norm for timm {type(module).__name__}")
+    raise UsageError(f"no hfactory norm for timm {type(module).__name__}")
 
 
 def _io(layer: nn.Module) -> tuple[int, int]:
@@ -59,7 +60,7 @@ _ACTS = {"GELU": "gelu", "StarReLU": "star_relu", "SquaredReLU": "squared_relu",
 def _act(module: nn.Module) -> str:
     name = type(module).__name__
     if name not in _ACTS:
-        raise ValueError(f"no hfactory activation for timm {name}; supported: {', '.join(_ACTS)}")
+        raise UsageError(f"no hfactory activation for timm {name}; supported: {', '.join(_ACTS)}")
     return _ACTS[name]
 
 
@@ -76,7 +77,7 @@ def _mixer(module: nn.Module) -> dict:
                 "proj_bias": module.proj.bias is not None}
     if name == "Identity":
         return {"kind": "identity"}
-    raise ValueError(f"no hfactory token mixer for timm MetaFormer's {name}")
+    raise UsageError(f"no hfactory token mixer for timm MetaFormer's {name}")
 
 
 def _conv(conv: nn.Conv2d, norm: nn.Module | None, pre_norm: bool) -> dict:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UsageError
 from ..layers.posembed import resize_pos_embed
 
 __all__ = ["resize_to_model", "resize_rel_pos_table", "resize_seq_pos_embed", "RESIZABLE_SUFFIXES"]
@@ -70,7 +71,7 @@ def resize_rel_pos_table(table: torch.Tensor, window: tuple[int, int],
     else:
         src = _table_side(rows)
     if src is None or src[0] * src[1] != rows:
-        raise ValueError(f"relative_position_bias_table {tuple(table.shape)}: cannot infer its source window "
+        raise UsageError(f"relative_position_bias_table {tuple(table.shape)}: cannot infer its source window "
                          f"(not square, nor the target window {tuple(window)}'s {dst[0] * dst[1]} rows); "
                          "pass source_window")
     if src == dst:

@@ -28,6 +28,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from .core import Family, register_family
 
 __all__ = ["map_swin", "spec_from_timm_swin", "PRESET"]
@@ -62,7 +63,7 @@ def map_swin(state_dict: Mapping[str, torch.Tensor], model: nn.Module | None = N
 
 def _layernorm(module: nn.Module, what: str) -> dict:
     if not isinstance(module, nn.LayerNorm):
-        raise ValueError(f"{what}: no hfactory norm for timm {type(module).__name__}; Swin specs use LayerNorm")
+        raise UsageError(f"{what}: no hfactory norm for timm {type(module).__name__}; Swin specs use LayerNorm")
     return {"kind": "layernorm", "eps": module.eps, "bias": module.bias is not None}
 
 
@@ -86,23 +87,23 @@ def spec_from_timm_swin(timm_model: nn.Module) -> dict:
     pe = timm_model.patch_embed
     patch = _pair(pe.patch_size)
     if patch[0] != patch[1]:
-        raise ValueError(f"non-square patch size {patch} is not supported; hfactory's conv patch embedding is square")
+        raise UsageError(f"non-square patch size {patch} is not supported; hfactory's conv patch embedding is square")
     targets = getattr(timm_model, "_ref_window_sizes", None)
     stages, last = [], None
     for i, layer in enumerate(timm_model.layers):
         blocks = list(layer.blocks)
         blk, attn = blocks[0], blocks[0].attn
         if any(getattr(b, "always_partition", False) for b in blocks):
-            raise ValueError("timm always_partition=True is not supported (hfactory clips windows to the grid, "
+            raise UsageError("timm always_partition=True is not supported (hfactory clips windows to the grid, "
                              "as timm's default)")
         dim, heads = blk.dim, attn.num_heads
         if attn.qkv.out_features != 3 * dim:
-            raise ValueError(f"stage {i}: head_dim x num_heads = {attn.qkv.out_features // 3} differs from the "
+            raise UsageError(f"stage {i}: head_dim x num_heads = {attn.qkv.out_features // 3} differs from the "
                              f"width {dim}; hfactory's plan needs num_heads * dim_head == embedding")
         window = _pair(targets[i]) if targets is not None else _pair(blk.window_size)
         act = blk.mlp.act
         if type(act).__name__ != "GELU":
-            raise ValueError(f"stage {i}: no hfactory activation for timm {type(act).__name__} in Swin's MLP")
+            raise UsageError(f"stage {i}: no hfactory activation for timm {type(act).__name__} in Swin's MLP")
         stage = {
             "embedding": dim, "depth": len(blocks), "num_heads": heads,
             "norm": _layernorm(blk.norm1, f"layers.{i}.blocks.0.norm1"),
@@ -130,7 +131,7 @@ def spec_from_timm_swin(timm_model: nn.Module) -> dict:
     spec["defaults"] = {}
     pool = timm_model.global_pool
     if pool not in ("avg", "max"):
-        raise ValueError(f"timm global_pool {pool!r} is not supported; hfactory pools 'avg' or 'max'")
+        raise UsageError(f"timm global_pool {pool!r} is not supported; hfactory pools 'avg' or 'max'")
     dp = getattr(last.drop_path1, "drop_prob", 0.0) if last is not None else 0.0
     dp = float(f"{dp:.6g}")  # timm computes the rates in float32
     spec.update(

@@ -32,6 +32,8 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.nn.functional as F
 
+from ..errors import UsageError
+
 __all__ = ["attention", "attention_backend", "xformers_available", "BACKENDS"]
 
 BACKENDS = ("auto", "xformers", "sdpa", "math")
@@ -47,7 +49,7 @@ def attention_backend(name: str) -> Iterator[None]:
         ValueError: ``name`` is not one of :data:`BACKENDS`.
     """
     if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; valid: {', '.join(BACKENDS)}")
+        raise UsageError(f"unknown attention backend {name!r}; valid: {', '.join(BACKENDS)}")
     token = _override.set(name)
     try:
         yield
@@ -91,7 +93,7 @@ def _pick_backend(requested: str, q: torch.Tensor) -> str:
     if requested in ("sdpa", "math"):
         return requested
     if requested not in ("auto", "xformers"):
-        raise ValueError(f"unknown attention backend {requested!r}; valid: {', '.join(BACKENDS)}")
+        raise UsageError(f"unknown attention backend {requested!r}; valid: {', '.join(BACKENDS)}")
     if q.is_cuda and xformers_available():
         return "xformers"
     if requested == "xformers":

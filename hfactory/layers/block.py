@@ -4,7 +4,8 @@ One block for every architecture, as timm ``metaformer.MetaFormerBlock`` (arXiv 
 the same class is a Swin block, a ViT block and (with ``dim_in``/``q_stride``) a Hiera block;
 pre-norm ``x = res_scale(x) + layer_scale(drop_path(mixer(norm1(x))))`` (same for the MLP), or
 post-norm ``x = norm1(x + layer_scale(drop_path(mixer(x))))`` (original Transformer).
-Tokens are channels-last, ``(B, H, W, C)`` or ``(B, N, C)``.
+Tokens are channels-last, ``(B, H, W, C)`` or ``(B, N, C)``; merged tokens' sizes ``(B, N)``
+reach the token mixer as an argument (:mod:`hfactory.layers.token_sizes`).
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ class Block(nn.Module):
 
     Attribute names follow timm's MetaFormer (``norm1``, ``token_mixer``, ``layer_scale1``,
     ``res_scale1``, ``norm2``, ``mlp``, ``layer_scale2``, ``res_scale2``).
+
+    ``takes_token_sizes`` is the mixer's (the token-sizes protocol of
+    :mod:`hfactory.layers.token_sizes`): then ``forward(x, sizes)`` hands the sizes ``(B, N)`` of
+    the tokens to the mixer; the block never changes them. Without sizes the block calls the mixer
+    as ``token_mixer(x)``, as before.
     """
 
     def __init__(self, dim: int, token_mixer: nn.Module, mlp: nn.Module, norm1: nn.Module, norm2: nn.Module,
@@ -72,6 +78,8 @@ class Block(nn.Module):
         # TokenLinear: an nn.Linear that runs on oneDNN on the CPU (speed, see its docstring).
         self.proj = TokenLinear(dim_in, dim) if widen and not self.max_avg else None
         self.norm1, self.token_mixer = norm1, token_mixer
+        # read once here, so a block without sizes does no per-call protocol work
+        self.takes_token_sizes = bool(getattr(token_mixer, "takes_token_sizes", False))
         self.drop_path1 = DropPath(drop_path)
         self.layer_scale1 = Scale(dim, layer_scale) if layer_scale is not None else nn.Identity()
         self.res_scale1 = Scale(dim) if res_scale else nn.Identity()
@@ -80,7 +88,10 @@ class Block(nn.Module):
         self.layer_scale2 = Scale(dim, layer_scale) if layer_scale is not None else nn.Identity()
         self.res_scale2 = Scale(dim) if res_scale else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # Merged tokens' sizes go to the mixer (the stage passes them only to a block whose mixer
+        # takes them); without sizes the mixer is called as it always was.
+        mix = self.token_mixer if sizes is None else (lambda t: self.token_mixer(t, sizes))
         if self.q_stride is not None or self.proj is not None or self.max_avg:
             x_norm = self.norm1(x)
             stride = self.q_stride or (1, 1)
@@ -88,12 +99,12 @@ class Block(nn.Module):
                 shortcut = torch.cat([pool_hw(x, stride), pool_hw(x, stride, "avg")], dim=-1)
             else:
                 shortcut = pool_hw(x if self.proj is None else self.proj(x_norm), stride)
-            x = self.res_scale1(shortcut) + self.layer_scale1(self.drop_path1(self.token_mixer(x_norm)))
+            x = self.res_scale1(shortcut) + self.layer_scale1(self.drop_path1(mix(x_norm)))
             return self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.mlp(self.norm2(x))))
         if self.pre_norm:
-            x = self.res_scale1(x) + self.layer_scale1(self.drop_path1(self.token_mixer(self.norm1(x))))
+            x = self.res_scale1(x) + self.layer_scale1(self.drop_path1(mix(self.norm1(x))))
             x = self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.mlp(self.norm2(x))))
         else:
-            x = self.norm1(self.res_scale1(x) + self.layer_scale1(self.drop_path1(self.token_mixer(x))))
+            x = self.norm1(self.res_scale1(x) + self.layer_scale1(self.drop_path1(mix(x))))
             x = self.norm2(self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.mlp(x))))
         return x

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
 from .feedforward import make_activation
+from .token_sizes import size_weighted_mean
 
 __all__ = ["ClassifierHead", "MlpHead", "make_classifier"]
 
@@ -41,19 +44,26 @@ def make_classifier(num_features: int, num_classes: int, head: dict, drop_rate: 
 
 class ClassifierHead(nn.Module):
     """Pool ``(B, C, H, W)`` over H and W (``avg`` or ``max``), dropout, classifier ``fc``. When the
-    plan's ``head`` has ``token_sizes`` (tokens merged by geme / att0), ``avg`` weights each token
-    by its size (:mod:`hfactory.layers.token_sizes`)."""
+    plan's ``head`` has ``token_sizes`` (tokens merged by geme / att0), ``takes_token_sizes`` is
+    True and ``avg`` weights each token by its size: ``pool(x, sizes)`` with sizes ``(B, H*W)``
+    (:mod:`hfactory.layers.token_sizes`)."""
 
     def __init__(self, num_features: int, num_classes: int, global_pool: str, drop_rate: float, head: dict):
         super().__init__()
         self.global_pool = global_pool
-        self.token_sizes = bool(head.get("token_sizes"))
+        self.takes_token_sizes = bool(head.get("token_sizes"))  # the token-sizes protocol
         self.drop = nn.Dropout(drop_rate)
         self.fc = make_classifier(num_features, num_classes, head, drop_rate)
 
-    def pool(self, x: torch.Tensor) -> torch.Tensor:
-        if self.global_pool == "avg" and self.token_sizes:
-            from .token_sizes import size_weighted_mean
+    @property
+    def needs_token_sizes(self) -> bool:
+        """Whether :meth:`pool` reads sizes: the ``avg`` pool of merged tokens (``max`` does not)."""
+        return self.takes_token_sizes and self.global_pool == "avg"
 
-            return size_weighted_mean(x, "the size-weighted average pool")
+    def pool(self, x: torch.Tensor, sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``(B, C, H, W)`` -> ``(B, C)``; ``sizes`` ``(B, H*W)`` are read only by the size-weighted
+        ``avg`` pool (:attr:`needs_token_sizes`), which raises a ``UsageError`` when they are
+        missing or do not fit ``x``."""
+        if self.needs_token_sizes:
+            return size_weighted_mean(x, sizes, "the size-weighted average pool")
         return x.amax(dim=(2, 3)) if self.global_pool == "max" else x.mean(dim=(2, 3))

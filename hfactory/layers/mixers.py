@@ -11,6 +11,7 @@ from torch import nn
 from .attention import attention
 from .feedforward import make_activation
 from .layout import TokenLinear, pool_hw
+from .token_sizes import key_size_bias
 
 __all__ = ["Attention", "MaskUnitAttention", "Pooling", "SepConv", "Identity", "apply_rotary"]
 
@@ -40,6 +41,10 @@ class Attention(nn.Module):
     ``(h, w)`` axes, so the output has the pooled spatial shape and ``dim`` channels while the
     input has ``dim_in`` (timm ``hiera.MaskUnitAttention`` with ``use_mask_unit_attn=False``).
     The kernel is chosen by :func:`hfactory.layers.attention.attention` from ``self.backend``.
+
+    With ``token_sizes`` (tokens merged by an earlier downsampler) the module takes the sizes
+    ``(B, N)`` of its input tokens, ``forward(x, sizes)``, and adds ``log(size)`` of each key to
+    the scores (``takes_token_sizes``, :mod:`hfactory.layers.token_sizes`).
     """
 
     per_unit = False
@@ -49,7 +54,9 @@ class Attention(nn.Module):
                  q_stride: list[int] | None = None, backend: str = "auto", token_sizes: bool = False):
         super().__init__()
         self.num_heads, self.dim_head, self.attn_drop, self.backend = num_heads, dim_head, attn_drop, backend
-        self.token_sizes = token_sizes  # add log(key size) to the scores (after geme / att0)
+        # forward(x, sizes): add log(key size) to the scores (the token-sizes protocol,
+        # hfactory.layers.token_sizes; the plan sets it after a merging downsampler)
+        self.takes_token_sizes = token_sizes
         self.rotary = rotary
         self.q_stride = tuple(q_stride) if q_stride else None
         inner = num_heads * dim_head
@@ -63,7 +70,7 @@ class Attention(nn.Module):
         b = t.shape[0] * t.shape[1] if self.per_unit else t.shape[0]
         return t.reshape(b, -1, self.num_heads, self.dim_head).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sizes: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # same split as timm's reshape(..., 3, heads, dim_head)
         if self.q_stride is not None:
             q = pool_hw(q, self.q_stride)
@@ -72,10 +79,8 @@ class Attention(nn.Module):
         if self.rotary:
             q, k = apply_rotary(q), apply_rotary(k)
         bias = None
-        if self.token_sizes:
-            from .token_sizes import key_size_bias
-
-            bias = key_size_bias(k.shape[0], k.shape[2], "attention", q.dtype)
+        if self.takes_token_sizes:
+            bias = key_size_bias(sizes, k.shape[0], k.shape[2], "attention", q.dtype)
         o = attention(q, k, v, bias, dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
         o = o.transpose(1, 2).reshape(*out_shape, -1)
         return self.proj_drop(self.proj(o))

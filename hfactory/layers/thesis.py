@@ -19,7 +19,7 @@ from torch import nn
 from .downsample import build_norm
 from .feedforward import StarReLU
 from .hvt import as_seq
-from .token_sizes import get_token_sizes, set_token_sizes
+from .token_sizes import check_token_sizes, key_size_bias
 
 __all__ = ["KernelPool", "SpatialPool", "GreedyMerging", "GeMePool", "greedy_merge_groups", "ClusterAttention",
            "Att0Clusters", "Att0Pool", "assign_aggregate", "hardmax_st", "att0"]
@@ -174,27 +174,37 @@ class GreedyMerging(nn.Module):
 class GeMePool(nn.Module):
     """Thesis ``GeMePooling``: ``norm1 -> to_kv`` (``Linear(C_in, 2 C_in)``, no bias; keys the first
     half) -> :class:`GreedyMerging` -> ``norm2 -> proj`` (``Linear(C_in, C_out)``, no bias).
-    ``(B, H, W, C_in)`` or ``(B, N, C_in)`` -> ``(B, N_out, C_out)`` (seq layout); records the
-    group sizes as token sizes (:mod:`hfactory.layers.token_sizes`). With ``token_sizes_in`` the
-    incoming tokens already had sizes (an earlier merge), which weight the means and add up."""
+    ``(B, H, W, C_in)`` or ``(B, N, C_in)`` -> ``(B, N_out, C_out)`` (seq layout), returned with
+    the group sizes ``(B, N_out)`` as token sizes: ``forward(x[, sizes]) -> (tokens, sizes)``
+    (``emits_token_sizes``, :mod:`hfactory.layers.token_sizes`). With ``token_sizes_in`` the
+    incoming tokens already had sizes ``(B, N)`` (an earlier merge), passed as ``sizes``
+    (``takes_token_sizes``), which weight the means and add up.
+
+    Raises:
+        UsageError: ``token_sizes_in`` and no ``sizes`` of shape ``(B, N)``.
+    """
+
+    emits_token_sizes = True  # the token-sizes protocol (hfactory.layers.token_sizes)
 
     def __init__(self, in_chs: int, out_chs: int, in_tokens: int, out_tokens: int, norm: Optional[dict] = None,
                  token_sizes_in: bool = False):
         super().__init__()
-        self.token_sizes_in = token_sizes_in
+        self.takes_token_sizes = token_sizes_in
         self.norm1 = build_norm(norm)
         self.to_kv = nn.Linear(in_chs, 2 * in_chs, bias=False)
         self.merge = GreedyMerging(out_tokens)
         self.norm2 = build_norm(norm)
         self.proj = nn.Linear(in_chs, out_chs, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sizes: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         x = as_seq(x)
+        if self.takes_token_sizes:
+            sizes = check_token_sizes(sizes, x.shape[0], x.shape[1], "the merging downsampler (geme)")
+        else:
+            sizes = None  # the tokens had no sizes: each counts once
         k, v = self.to_kv(self.norm1(x)).chunk(2, dim=-1)
-        sizes = get_token_sizes(x.shape[0], x.shape[1], "geme") if self.token_sizes_in else None
         x, sizes = self.merge(k, v, sizes)
-        set_token_sizes(sizes)
-        return self.proj(self.norm2(x))
+        return self.proj(self.norm2(x)), sizes
 
 
 # ----------------------------------------------------------------------------- Attention0Pooling
@@ -237,9 +247,13 @@ def assign_aggregate(q_c: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: 
 class ClusterAttention(nn.Module):
     """Global attention over ``(B, N + K, C)`` whose last ``K`` tokens are att0 clusters (thesis
     ``Attention`` with clusters): queries from all rows, keys and values from the ``N`` tokens
-    only; token rows are plain softmax attention (with a log-size key bias after merging), cluster
-    rows use ``assignment`` (None: softmax over tokens; ``soft``/``hard``: :func:`assign_aggregate`
-    with eps 1e-5). Parameter names as :class:`hfactory.layers.mixers.Attention` (``qkv``, ``proj``)."""
+    only; token rows are plain softmax attention, cluster rows use ``assignment`` (None: softmax
+    over tokens; ``soft``/``hard``: :func:`assign_aggregate` with eps 1e-5). Parameter names as
+    :class:`hfactory.layers.mixers.Attention` (``qkv``, ``proj``).
+
+    With ``token_sizes`` (after a merge) it takes the sizes ``(B, N)`` of the ``N`` tokens,
+    ``forward(x, sizes)`` (``takes_token_sizes``, :mod:`hfactory.layers.token_sizes`), and the
+    token rows get a log-size key bias."""
 
     def __init__(self, dim: int, num_heads: int, dim_head: int, num_clusters: int, assignment: Optional[str] = None,
                  qkv_bias: bool = True, proj_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0,
@@ -247,15 +261,15 @@ class ClusterAttention(nn.Module):
                  token_sizes: bool = False):
         super().__init__()
         self.num_heads, self.dim_head, self.attn_drop, self.backend = num_heads, dim_head, attn_drop, backend
-        self.num_clusters, self.assignment, self.token_sizes = num_clusters, assignment, token_sizes
+        self.num_clusters, self.assignment = num_clusters, assignment
+        self.takes_token_sizes = token_sizes  # the token-sizes protocol (hfactory.layers.token_sizes)
         inner = num_heads * dim_head
         self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
         self.proj = nn.Linear(inner, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
         from .attention import attention
-        from .token_sizes import key_size_bias
 
         b, total, _ = x.shape
         n = total - self.num_clusters
@@ -263,7 +277,7 @@ class ClusterAttention(nn.Module):
                    for t in self.qkv(x).chunk(3, dim=-1))
         k, v = k[:, :, :n], v[:, :, :n]
         drop = self.attn_drop if self.training else 0.0
-        bias = key_size_bias(b, n, "cluster_attention", q.dtype) if self.token_sizes else None
+        bias = key_size_bias(sizes, b, n, "cluster_attention", q.dtype) if self.takes_token_sizes else None
         o_tokens = attention(q[:, :, :n], k, v, bias, dropout_p=drop, backend=self.backend)
         if self.assignment is None:
             o_clusters = attention(q[:, :, n:], k, v, dropout_p=drop, backend=self.backend)
@@ -323,8 +337,11 @@ class Att0Pool(nn.Module):
     ``to_out``, no biases; ``last_assignment`` None = softmax over tokens, else
     :func:`assign_aggregate` with eps 1e-6, whose mass averaged over heads is each cluster's size);
     ``res_scale(clusters) + aggregated``; consecutive cluster pairs concatenated, ``norm2``
-    (``2 C_in``) and ``proj`` (``Linear(2 C_in, C_out)``, no bias). With an assignment, the pair
-    sums of the sizes are recorded as token sizes (:mod:`hfactory.layers.token_sizes`)."""
+    (``2 C_in``) and ``proj`` (``Linear(2 C_in, C_out)``, no bias). With an assignment the module
+    emits token sizes (``emits_token_sizes``, :mod:`hfactory.layers.token_sizes`): ``forward``
+    returns ``(tokens, sizes)`` with the pair sums of the sizes ``(B, K/2)``; without one it
+    returns the tokens alone. Sizes of the incoming tokens are not used (``token_sizes_in`` is
+    accepted and ignored, as before: the assignment counts every token once)."""
 
     def __init__(self, in_chs: int, out_chs: int, in_grid: list[int], out_grid: list[int], num_heads: int,
                  last_assignment: Optional[str] = None, res_scale: bool = True, grid_out: bool = False,
@@ -337,6 +354,8 @@ class Att0Pool(nn.Module):
         self.out_grid, self.grid_out = tuple(out_grid), grid_out
         self.num_clusters = 2 * math.prod(out_grid)
         self.num_heads, self.last_assignment, self.backend = num_heads, last_assignment, backend
+        # the token-sizes protocol (hfactory.layers.token_sizes): the assignment mass is a size
+        self.emits_token_sizes = last_assignment is not None
         self.norm1 = build_norm(norm)
         self.to_q = nn.Linear(in_chs, in_chs, bias=False)
         self.to_kv = nn.Linear(in_chs, 2 * in_chs, bias=False)
@@ -348,7 +367,7 @@ class Att0Pool(nn.Module):
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(t.shape[0], t.shape[1], self.num_heads, -1).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor):
         from .attention import attention
 
         b, total, c = x.shape
@@ -367,9 +386,8 @@ class Att0Pool(nn.Module):
         agg = self.to_out(agg.transpose(1, 2).reshape(b, self.num_clusters, c))
         y = (self.res_scale(clusters) + agg).reshape(b, self.num_clusters // 2, 2 * c)
         y = self.proj(self.norm2(y))
-        if sizes is not None:
-            set_token_sizes(sizes)
-        return y.reshape(b, *self.out_grid, -1) if self.grid_out else y
+        y = y.reshape(b, *self.out_grid, -1) if self.grid_out else y
+        return (y, sizes) if self.emits_token_sizes else y
 
 
 def att0(role: str = "pool", **resolved) -> nn.Module:

@@ -10,6 +10,7 @@ import fnmatch
 from pathlib import Path
 from typing import Optional
 
+from ..errors import UsageError
 from ..spec.base import did_you_mean
 from ..spec.io import load_spec
 from ..spec.model import EncoderSpec
@@ -30,7 +31,7 @@ def preset_path(name: str) -> Path:
     path = PRESET_DIR / f"{name}.yaml"
     if not path.is_file():
         known = list_models()
-        raise ValueError(f"unknown preset {name!r}{did_you_mean(name, known)}; presets: "
+        raise UsageError(f"unknown preset {name!r}{did_you_mean(name, known)}; presets: "
                          f"{', '.join(known) or 'none'}")
     return path
 

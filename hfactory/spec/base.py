@@ -13,6 +13,8 @@ from typing import Any, Iterable
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from ..errors import PlanError  # noqa: F401  (re-exported: spec modules raise it)
+
 __all__ = ["StrictModel", "did_you_mean", "located_error", "PlanError", "MAX_SIZE", "MAX_BLOCKS", "refuse_huge_ints"]
 
 #: The largest size the plan accepts: any integer a spec sets (channels, pixels per image side,
@@ -131,21 +133,6 @@ def located_error(title: str, loc: tuple, message: str, input_value: Any = None,
         [{"type": PydanticCustomError(error_type, message.replace("{", "{{").replace("}", "}}")),
           "loc": tuple(loc), "input": input_value}],
     )
-
-
-class PlanError(ValueError):
-    """A spec that validates field by field but cannot be built as a whole.
-
-    Raised by :func:`hfactory.resolve` before any tensor exists. ``loc`` is the dotted path into
-    the spec (``stages.2.token_mixer.window_size``) and the message says what would be valid.
-    """
-
-    def __init__(self, loc: str | tuple, message: str):
-        if isinstance(loc, tuple):
-            loc = ".".join(str(p) for p in loc)
-        self.loc = loc
-        self.message = message
-        super().__init__(f"{loc}: {message}")
 
 
 def refuse_huge_ints(data, loc: str = "") -> None:

@@ -13,14 +13,15 @@ set works on the ``grid`` layout, ``(B, H, W, C)`` channels-last.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 from pydantic import Field, GetCoreSchemaHandler, GetJsonSchemaHandler
 from pydantic_core import PydanticCustomError, core_schema
 
 from .. import registry
-from .base import MAX_SIZE, PlanError, StrictModel, located_error
+from .base import MAX_SIZE, PlanError, located_error
+from .protocol import (SLOT_BASES, ComponentParams, DownsampleParams, FeedforwardParams, NormParams,  # noqa: F401
+                       PosEmbedParams, StageContext, TokenMixerParams)
 
 Layout = Literal["grid", "units", "seq"]
 
@@ -28,45 +29,6 @@ __all__ = [
     "ComponentField", "ComponentParams", "TokenMixerParams", "DownsampleParams",
     "FeedforwardParams", "NormParams", "PosEmbedParams", "StageContext", "SLOT_BASES",
 ]
-
-
-@dataclass(frozen=True)
-class StageContext:
-    """What the plan knows about a stage when a component resolves itself (pure numbers).
-
-    ``grid`` is the token grid ``(H, W)`` the component sees, ``dim`` the channel width,
-    ``loc`` the dotted spec path of the component (for errors). ``unit_size`` is the mask-unit
-    size in tokens (``units`` layout). For the first block of a stage whose downsampler is fused
-    into it (Hiera's q-pooling), ``dim_in`` is the previous width, ``q_stride`` the query pooling
-    stride and ``grid``/``unit_size`` are those before pooling. ``block_index`` counts blocks
-    within the stage (Swin alternates shifted windows with it). ``token_sizes``: the tokens carry
-    sizes from an earlier merging downsampler (geme, att0), which attention uses as a log-size
-    key bias (:mod:`hfactory.layers.token_sizes`).
-    """
-
-    loc: str
-    dim: int
-    grid: tuple[int, int]
-    layout: str = "grid"
-    num_heads: Optional[int] = None
-    dim_head: Optional[int] = None
-    unit_size: Optional[tuple[int, int]] = None
-    dim_in: Optional[int] = None
-    q_stride: Optional[tuple[int, int]] = None
-    block_index: int = 0
-    token_sizes: bool = False
-
-
-class ComponentParams(StrictModel):
-    """Base of every component's params; subclasses set ``kind: Literal[name] = name``."""
-
-    kind: str
-    slot: ClassVar[str] = ""
-    accepts: ClassVar[frozenset] = frozenset({"grid"})
-
-    def options(self) -> dict[str, Any]:
-        """The params as plain values (nested components resolved by the caller)."""
-        return {k: getattr(self, k) for k in type(self).model_fields if k != "kind"}
 
 
 def _parse_component(slot: str):
@@ -131,84 +93,6 @@ def _dump_component(value: ComponentParams) -> dict:
 NormField = Annotated[ComponentParams, ComponentField("norm")]
 
 
-# --------------------------------------------------------------------------------- slot bases
-
-
-class NormParams(ComponentParams):
-    """Normalisation over the channel dimension of a channels-last tensor."""
-
-    slot: ClassVar[str] = "norm"
-    accepts: ClassVar[frozenset] = frozenset({"grid", "units", "seq"})
-
-    def resolve(self, dim: int, loc: str) -> dict:
-        return {"kind": self.kind, "dim": dim, **self.options()}
-
-
-class TokenMixerParams(ComponentParams):
-    """Token mixer of a block: maps tokens ``(B, ..., h, w, C)`` to the same shape.
-
-    Mixers with ``supports_q_stride`` can also be the first block of a q-pooling stage (Hiera):
-    they then map ``C = dim_in`` channels to ``dim`` and pool their queries by ``q_stride``.
-    """
-
-    slot: ClassVar[str] = "token_mixer"
-    uses_heads: ClassVar[bool] = False
-    supports_q_stride: ClassVar[bool] = False
-
-    def resolve(self, ctx: StageContext) -> dict:
-        out = {"kind": self.kind, "dim": ctx.dim, **self.options()}
-        if self.uses_heads:
-            out.update(num_heads=ctx.num_heads, dim_head=ctx.dim_head)
-        if self.supports_q_stride:
-            out.update(dim_in=ctx.dim_in or ctx.dim, q_stride=list(ctx.q_stride) if ctx.q_stride else None)
-        return out
-
-
-class DownsampleParams(ComponentParams):
-    """Start of a stage: maps ``in_chs`` channels on ``in_grid`` to ``out_chs`` on a coarser grid.
-
-    ``fused`` downsamplers build no module of their own: the stage's first block does the work
-    (Hiera's q-pooling block); ``q_stride`` then gives the pooling stride.
-    """
-
-    slot: ClassVar[str] = "downsample"
-    produces: ClassVar[str] = "grid"
-    fused: ClassVar[bool] = False
-
-    def out_grid(self, in_grid: tuple[int, int], loc: str) -> tuple[int, int]:
-        raise NotImplementedError
-
-    def resolve(self, in_chs: int, out_chs: int, in_grid: tuple[int, int], loc: str) -> dict:
-        return {"kind": self.kind, "in_chs": in_chs, "out_chs": out_chs, **self.options()}
-
-
-class FeedforwardParams(ComponentParams):
-    """Channel MLP of a block: ``(..., C) -> (..., C)``."""
-
-    slot: ClassVar[str] = "feedforward"
-    accepts: ClassVar[frozenset] = frozenset({"grid", "units", "seq"})
-
-    def resolve(self, dim: int, loc: str) -> dict:
-        return {"kind": self.kind, "dim": dim, **self.options()}
-
-
-class PosEmbedParams(ComponentParams):
-    """Position embedding added to the stage's tokens right after its downsampler."""
-
-    slot: ClassVar[str] = "pos_embed"
-
-    def resolve(self, ctx: StageContext) -> dict:
-        return {"kind": self.kind, "dim": ctx.dim, "grid": list(ctx.grid), **self.options()}
-
-
-SLOT_BASES = {
-    "token_mixer": TokenMixerParams,
-    "downsample": DownsampleParams,
-    "feedforward": FeedforwardParams,
-    "norm": NormParams,
-    "pos_embed": PosEmbedParams,
-}
-
 Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "squared_relu", "star_relu"]
 
 # ------------------------------------------------------------------------------------ norms
@@ -238,6 +122,10 @@ class GroupNormParams(NormParams):
             raise PlanError(f"{loc}.num_groups", f"num_groups {self.num_groups} does not divide the "
                             f"width {dim}; use a divisor of {dim} (1 = PoolFormer's GroupNorm1)")
         return super().resolve(dim, loc)
+
+    @classmethod
+    def crosses_units(cls, entry, unit=None, grid=None):
+        return "groupnorm normalises over the whole map of a sample, which the sparse encoder does not have"
 
 
 class IdentityNormParams(NormParams):
@@ -279,6 +167,14 @@ class AttentionParams(TokenMixerParams):
             out["token_sizes"] = True
         return out
 
+    @classmethod
+    def crosses_units(cls, entry, unit=None, grid=None):
+        if entry.get("rotary"):
+            return ("rotary embeddings number tokens by their index in the flattened sequence, which changes "
+                    "when mask units are dropped")
+        # a set operation over the kept tokens (global), or attention inside each unit
+        return super().crosses_units(entry, unit, grid)
+
 
 class MaskUnitAttentionParams(AttentionParams):
     """Hiera's mask-unit attention (arXiv 2306.00989; timm ``hiera.MaskUnitAttention``):
@@ -302,6 +198,15 @@ class PoolingParams(TokenMixerParams):
             raise PlanError(f"{ctx.loc}.pool_size", f"pool_size {self.pool_size} is even, which would "
                             "shift the grid; use an odd size (3 in PoolFormer)")
         return super().resolve(ctx)
+
+    @classmethod
+    def crosses_units(cls, entry, unit=None, grid=None):
+        k = entry["pool_size"]
+        return None if k == 1 else f"its {k}x{k} average pooling reads neighbouring tokens across mask-unit borders"
+
+    @classmethod
+    def describe(cls, entry, blocks=()):
+        return f"{entry['kind']}{entry['pool_size']}"
 
 
 class SepConvParams(TokenMixerParams):
@@ -328,6 +233,15 @@ class SepConvParams(TokenMixerParams):
                             f"channels, more than the plan's limit {MAX_SIZE}; use a smaller expansion_ratio")
         return {"kind": self.kind, "dim": ctx.dim, "hidden_chs": hidden, "kernel_size": self.kernel_size,
                 "activation": self.activation, "bias": self.bias}
+
+    @classmethod
+    def crosses_units(cls, entry, unit=None, grid=None):
+        k = entry["kernel_size"]
+        return None if k == 1 else f"its {k}x{k} depthwise conv reads neighbouring tokens across mask-unit borders"
+
+    @classmethod
+    def describe(cls, entry, blocks=()):
+        return f"{entry['kind']}{entry['kernel_size']}"
 
 
 class IdentityMixerParams(TokenMixerParams):
@@ -393,6 +307,18 @@ class ConvDownsampleParams(DownsampleParams):
                 "norm": self.norm.resolve(norm_dim, f"{loc}.norm") if self.norm is not None else None,
                 "pre_norm": self.pre_norm}
 
+    @classmethod
+    def crosses_units(cls, entry, unit=None, grid=None):
+        k, s, p = entry["patch_size"], entry["stride"], entry["padding"]
+        if k != s or p:
+            return (f"conv {k}x{k}/s{s}/p{p} reads neighbouring tokens across mask-unit borders; a unit-local "
+                    "conv has patch_size = stride and padding 0")
+        return None  # non-overlapping; the plan checks that the stride divides the unit
+
+    @classmethod
+    def describe(cls, entry, blocks=()):
+        return f"{entry['kind']}{entry['patch_size']}/s{entry['stride']}/p{entry.get('padding', 0)}"
+
 
 class QPoolParams(DownsampleParams):
     """Hiera's q-pooling stage transition (arXiv 2306.00989; timm ``hiera.HieraBlock``): fused into
@@ -429,12 +355,22 @@ class QPoolParams(DownsampleParams):
         return {"kind": self.kind, "q_stride": list(self.stride_hw), "lag_mixer": self.lag_mixer,
                 "expand": self.expand}
 
+    def first_block_expand(self) -> str:
+        return self.expand
+
+    def first_block_q_stride(self) -> tuple[int, int]:
+        return self.stride_hw
+
+    def first_block_lags_mixer(self) -> bool:
+        return self.lag_mixer
+
 
 class NoDownsampleParams(DownsampleParams):
     """No downsampling: the stage keeps the previous grid and width."""
 
     kind: Literal["none"] = "none"
     accepts: ClassVar[frozenset] = frozenset({"grid", "units", "seq"})
+    identity: ClassVar[bool] = True
 
     def out_grid(self, in_grid, loc):
         return tuple(in_grid)
@@ -488,6 +424,10 @@ class NoPosEmbedParams(PosEmbedParams):
 
     kind: Literal["none"] = "none"
     accepts: ClassVar[frozenset] = frozenset({"grid", "units", "seq"})
+
+    @classmethod
+    def crosses_units(cls, entry, unit=None, grid=None):
+        return None
 
 
 _BUILTINS = [

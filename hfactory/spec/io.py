@@ -13,7 +13,9 @@ from typing import Any, Union
 
 import yaml
 
+from ..errors import SpecKindError, UsageError
 from .model import EncoderSpec
+from .sft import SFTSpec
 
 __all__ = ["load_yaml", "load_spec", "load_any_spec", "read_spec_document", "dump_spec", "SpecSource", "SpecKindError",
            "MAX_SPEC_BYTES"]
@@ -93,13 +95,13 @@ def load_yaml(text: str) -> Any:
             aliases; the message gives the line and column.
     """
     if len(text) > MAX_SPEC_BYTES:  # characters; a UTF-8 file is checked in bytes before it is read
-        raise ValueError(f"spec is {len(text)} characters; specs larger than {MAX_SPEC_BYTES} are refused")
+        raise UsageError(f"spec is {len(text)} characters; specs larger than {MAX_SPEC_BYTES} are refused")
     try:
         return yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - _SpecLoader is a SafeLoader
     except yaml.YAMLError as err:
-        raise ValueError(f"invalid spec YAML: {err}") from None
+        raise UsageError(f"invalid spec YAML: {err}") from None
     except RecursionError:
-        raise ValueError("invalid spec YAML: nesting too deep") from None
+        raise UsageError("invalid spec YAML: nesting too deep") from None
 
 
 def load_spec(source: SpecSource) -> EncoderSpec:
@@ -119,17 +121,27 @@ def load_spec(source: SpecSource) -> EncoderSpec:
     if isinstance(source, EncoderSpec):
         return source
     document = read_spec_document(source)
-    if _is_sft(document):
+    cls = spec_class_of(document)
+    if cls is not EncoderSpec:
         where = f"{source}: " if isinstance(source, (str, os.PathLike)) and "\n" not in str(source) else ""
-        raise SpecKindError(f"{where}this is an SFT spec (it has 'levels', not 'stages'); load_spec, "
-                            "build_encoder and from_pretrained take encoder specs. Build an SFT with "
-                            "hfactory.sft.build_sft(spec), reload a saved one with hfactory.encoder.load_model("
-                            "directory); hfactory train, eval and summary take either (README, 'SFT').")
+        key = next(k for k, c in SPEC_CLASSES.items() if c is cls)
+        raise SpecKindError(f"{where}this is {cls.kind_title} (it has {key!r}, not 'stages'); load_spec, "
+                            "build_encoder and from_pretrained take encoder specs. Build it with "
+                            "hfactory.build(spec) (or hfactory.sft.build_sft), reload a saved one with "
+                            "hfactory.load(directory); hfactory train, eval and summary take either (README, 'SFT').")
     return EncoderSpec.model_validate(document)
 
 
-def _is_sft(document: dict) -> bool:
-    return "levels" in document and "stages" not in document
+#: The spec classes, by the top-level key only a document of that class has. A document with
+#: exactly one of these keys is of that class; any other is validated as an encoder spec, whose
+#: errors then name what is missing or unknown.
+SPEC_CLASSES = {"stages": EncoderSpec, "levels": SFTSpec}
+
+
+def spec_class_of(document: dict) -> type:
+    """The spec class of a spec document (a mapping), by :data:`SPEC_CLASSES`."""
+    found = [cls for key, cls in SPEC_CLASSES.items() if key in document]
+    return found[0] if len(found) == 1 else EncoderSpec
 
 
 def load_any_spec(source):
@@ -139,16 +151,10 @@ def load_any_spec(source):
     Raises:
         as :func:`load_spec` for encoder specs; pydantic.ValidationError for a bad SFT spec.
     """
-    from .sft import SFTSpec
-
-    if isinstance(source, (EncoderSpec, SFTSpec)):
+    if isinstance(source, tuple(SPEC_CLASSES.values())):
         return source
     document = read_spec_document(source)
-    return SFTSpec.model_validate(document) if _is_sft(document) else EncoderSpec.model_validate(document)
-
-
-class SpecKindError(ValueError):
-    """A spec of another model family than the loader builds (an SFT spec given as an encoder spec)."""
+    return spec_class_of(document).model_validate(document)
 
 
 def read_spec_document(source, required: str = "'stages'") -> dict:
@@ -169,15 +175,15 @@ def read_spec_document(source, required: str = "'stages'") -> dict:
         if not path.is_file():
             raise FileNotFoundError(f"spec file not found: {path}")
         if path.stat().st_size > MAX_SPEC_BYTES:
-            raise ValueError(f"{path}: larger than {MAX_SPEC_BYTES} bytes; not a spec")
+            raise UsageError(f"{path}: larger than {MAX_SPEC_BYTES} bytes; not a spec")
         try:
             source = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as err:
-            raise ValueError(f"{path}: not UTF-8 text ({err}); a spec is a YAML or JSON text file") from None
+            raise UsageError(f"{path}: not UTF-8 text ({err}); a spec is a YAML or JSON text file") from None
     if isinstance(source, str):
         source = load_yaml(source)
     if not isinstance(source, dict):
-        raise ValueError(f"a spec must be a mapping with at least {required}, got {type(source).__name__}")
+        raise UsageError(f"a spec must be a mapping with at least {required}, got {type(source).__name__}")
     return source
 
 

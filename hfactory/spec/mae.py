@@ -30,6 +30,7 @@ from typing import Optional
 from pydantic import Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from ..errors import UsageError
 from .base import MAX_BLOCKS, MAX_SIZE, PlanError, StrictModel
 
 __all__ = ["MAESpec", "MAEGeometry", "mae_geometry", "check_mask_ratio"]
@@ -85,9 +86,9 @@ def check_mask_ratio(mask_ratio: float, num_units: int) -> int:
             none (the message gives the ratios that work); fewer than 2 mask units.
     """
     if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, numbers.Real) or not 0 < mask_ratio < 1:
-        raise ValueError(f"mask_ratio must be a number in (0, 1) (0 would mask nothing), got {mask_ratio!r}")
+        raise UsageError(f"mask_ratio must be a number in (0, 1) (0 would mask nothing), got {mask_ratio!r}")
     if num_units < 2:
-        raise ValueError(f"masked-autoencoder training needs at least 2 mask units per image (one kept, one "
+        raise UsageError(f"masked-autoencoder training needs at least 2 mask units per image (one kept, one "
                          f"masked); this image size gives {num_units}: use larger images or a smaller "
                          "mask_unit_size")
     keep = int(num_units * (1 - float(mask_ratio)))
@@ -95,7 +96,7 @@ def check_mask_ratio(mask_ratio: float, num_units: int) -> int:
         what = "keeps none" if keep < 1 else "masks none (the loss is over masked units only)"
         # the largest ratio that keeps one unit is 1 - 1/U; shown rounded down so it still works
         top = math.floor((1 - 1 / num_units) * 1e4) / 1e4
-        raise ValueError(f"mask_ratio {float(mask_ratio)} {what} of the {num_units} mask units; use a ratio in "
+        raise UsageError(f"mask_ratio {float(mask_ratio)} {what} of the {num_units} mask units; use a ratio in "
                          f"(0, {top:.4f}]")
     return keep
 

@@ -7,22 +7,25 @@ Field names follow xformers' ``BasicLayerConfig`` (``embedding``, ``attention_me
 papers' for components (``layer_scale``, ``res_scale``).
 
 A stage field left unset (``None``) is filled from ``EncoderSpec.defaults``, then from the
-library default (:data:`hfactory.plan.LIBRARY_DEFAULTS`); :func:`hfactory.resolve` does that and
+library default (:data:`LIBRARY_DEFAULTS`); :func:`hfactory.resolve` does that and
 every derived number. This module validates fields one by one and never imports torch.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from .base import StrictModel
+from .base import MAX_SIZE, PlanError, StrictModel
 from .components import Activation, ComponentField, ComponentParams
 from .mae import MAESpec
+from .overrides import apply_changes, record_step
 
-__all__ = ["StageSpec", "StageDefaults", "EncoderSpec", "HeadSpec", "Lineage"]
+__all__ = ["StageSpec", "StageDefaults", "EncoderSpec", "HeadSpec", "Lineage", "LIBRARY_DEFAULTS",
+           "default_downsample", "NO_NORM"]
 
 TokenMixer = Annotated[ComponentParams, ComponentField("token_mixer")]
 Downsample = Annotated[ComponentParams, ComponentField("downsample")]
@@ -106,6 +109,24 @@ class HeadSpec(StrictModel):
     norm: Norm = Field(default_factory=lambda: {"kind": "layernorm", "eps": 1e-6})
     bias: bool = True
 
+    def resolve(self, dim: int) -> dict:
+        """The head's plan entry for ``dim`` pooled features (the classifier's builder arguments).
+
+        Raises:
+            PlanError: the MLP's hidden width rounds to 0 or exceeds the plan's size limit.
+        """
+        if self.kind == "linear":
+            return {"kind": self.kind, "bias": self.bias}
+        hidden = int(self.hidden_layer_multiplier * dim)
+        if hidden < 1:
+            raise PlanError("head.hidden_layer_multiplier", f"{self.hidden_layer_multiplier} x width {dim} rounds "
+                            "to 0 hidden units; use a larger multiplier")
+        if hidden > MAX_SIZE:
+            raise PlanError("head.hidden_layer_multiplier", f"{self.hidden_layer_multiplier} x width {dim} = "
+                            f"{hidden} hidden units, more than the plan's limit {MAX_SIZE}; use a smaller multiplier")
+        return {"kind": self.kind, "hidden_features": hidden, "activation": self.activation, "bias": self.bias,
+                "norm": self.norm.resolve(hidden, "head.norm")}
+
 
 class LineageStep(StrictModel):
     """One derivation step: ``changes`` (path -> value, applied in order by ``with_changes``) or
@@ -173,10 +194,22 @@ class EncoderSpec(StrictModel):
                                    "for hfactory pretrain / hfactory.mae.MaskedAutoencoder; the encoder ignores it")
 
     def with_changes(self, changes: dict, *, record: bool = True) -> "EncoderSpec":
-        """A copy with values replaced by dotted path; see :func:`hfactory.spec.variants.with_changes`."""
-        from .variants import with_changes
+        """A copy of this spec with the values at the given dotted paths replaced.
 
-        return with_changes(self, changes, record=record)
+        Args:
+            changes: ``{path: value}``, applied in order; ``stages.*.x`` changes every stage.
+                Setting a component's ``kind`` replaces the component (its old options are dropped);
+                changing an option of a component a stage inherits gives the stage its own copy.
+            record: add the changes to ``lineage`` (base name and path -> value).
+
+        Raises:
+            OverrideError: a path that matches nothing (names the path and the valid keys).
+            pydantic.ValidationError: a value of the wrong type (located, as for a hand-written spec).
+        """
+        data = apply_changes(self.model_dump(mode="json", exclude_none=True), changes, _SECTIONS, _inherited)
+        if record:
+            record_step(data, self, {"changes": {str(k): v for k, v in changes.items()}})
+        return type(self).model_validate(data)
 
     @field_validator("mask_unit_size")
     @classmethod
@@ -203,3 +236,49 @@ class EncoderSpec(StrictModel):
     def img_hw(self) -> tuple[int, int]:
         """``img_size`` as ``(H, W)`` in pixels."""
         return (self.img_size, self.img_size) if isinstance(self.img_size, int) else tuple(self.img_size)
+
+
+#: Values used for a stage field that neither the stage nor ``spec.defaults`` sets.
+LIBRARY_DEFAULTS = StageDefaults.model_validate({
+    "depth": 1,
+    "token_mixer": "attention",
+    "feedforward": "mlp",
+    "norm": "layernorm",
+    "residual_norm_style": "pre",
+    "layer_scale": False,
+    "res_scale": False,
+    "pos_embed": "none",
+    "dim_head": 32,
+})
+
+# MetaFormer's downsamplers (arXiv 2111.11418, timm ``metaformer.py``): a 7x7 stride-4 conv stem
+# (padding 2) for stage 0 and a 3x3 stride-2 conv (padding 1) for later stages.
+_STEM = {"kind": "conv", "patch_size": 7, "stride": 4, "padding": 2}
+_DOWNSAMPLE = {"kind": "conv", "patch_size": 3, "stride": 2, "padding": 1}
+
+
+def default_downsample(stage_index: int, as_dict: bool = False):
+    """The library's downsampler for a stage that neither the stage nor ``defaults`` sets: the
+    MetaFormer stem for stage 0, else its 3x3 stride-2 conv; a params model, or with ``as_dict``
+    the mapping a spec would hold."""
+    data = dict(_STEM if stage_index == 0 else _DOWNSAMPLE)
+    if as_dict:
+        return data
+    return StageSpec.model_validate({"embedding": 1, "downsample": data}).downsample
+
+
+_SECTIONS = {"spec": EncoderSpec, "stage": StageSpec, "defaults": StageDefaults, "head": HeadSpec, "mae": MAESpec}
+
+
+def _inherited(root: dict, key: str, stage_index: int) -> Any:
+    """A stage's component ``key`` when the stage (in the spec data ``root``) does not set it: the
+    spec's default, else the library's (a copy)."""
+    value = root.get("defaults", {}).get(key)
+    if value is None:
+        lib = LIBRARY_DEFAULTS.model_dump(mode="json", exclude_none=True)
+        value = lib.get(key) or (default_downsample(stage_index, as_dict=True) if key == "downsample" else None)
+    return copy.deepcopy(value)
+
+
+#: The norm entry of "no normalisation" (what pruning the final norm writes into a spec).
+NO_NORM = {"kind": "identity"}

@@ -36,10 +36,11 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Annotated, Optional, Union
+from typing import Annotated, ClassVar, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
+from ..errors import UsageError
 from .base import MAX_BLOCKS, PlanError, StrictModel, refuse_huge_ints
 from .components import AttentionParams, ComponentField, ComponentParams, StageContext
 
@@ -71,6 +72,8 @@ class SFTSpec(StrictModel):
     """An SFT encoder (see the module docstring). ``feedforward`` and ``norm`` are registry
     components (``hfactory.registry``), used by every codec block."""
 
+    kind_title: ClassVar[str] = "an SFT spec"  # in errors that say which kind of spec a file is
+
     name: Optional[str] = None
     img_size: Size = 224
     in_chans: PositiveInt = 3
@@ -96,7 +99,7 @@ class SFTSpec(StrictModel):
         if isinstance(size, int):
             return (size, size)
         if len(size) != 2:
-            raise ValueError(f"img_size {list(size)}: an image model needs [H, W]")
+            raise UsageError(f"img_size {list(size)}: an image model needs [H, W]")
         return tuple(size)
 
 

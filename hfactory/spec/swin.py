@@ -87,6 +87,31 @@ class WindowAttentionParams(TokenMixerParams):
                 "qkv_bias": self.qkv_bias, "proj_bias": self.proj_bias, "attn_drop": self.attn_drop,
                 "proj_drop": self.proj_drop}
 
+    @classmethod
+    def crosses_units(cls, entry, unit=None, grid=None):
+        if any(entry["shift_size"]):
+            s = entry["shift_size"]
+            return f"shifted windows (shift {s[0]}x{s[1]}) cross mask-unit borders; use shift: false"
+        w = entry["window_size"]
+        if unit is not None and any(u % x for u, x in zip(unit, w)):
+            return (f"windows of {w[0]}x{w[1]} tokens do not tile the {unit[0]}x{unit[1]} mask unit; use a "
+                    "window dividing the unit")
+        if grid is not None and tuple(entry["padded_grid"]) != tuple(grid):
+            return "windows that pad the grid straddle mask units"
+        return None
+
+    @classmethod
+    def describe(cls, entry, blocks=()):
+        """``window_attention 7x7 shift 0/3`` (the shifts of the stage's blocks), then `` pad HxW``
+        when the grid is padded to the window, or `` in units`` when it runs inside mask units."""
+        shifts = "/".join(dict.fromkeys(str(b["shift_size"][0]) for b in (blocks or [entry])))
+        pad = entry.get("padded_grid")
+        pad = "" if pad is None or list(pad) == list(entry["grid"]) else f" pad {pad[0]}x{pad[1]}"
+        if entry.get("per_unit"):  # the plan runs it inside each mask unit: the unit is its grid
+            pad = " in units"
+        w = entry["window_size"]
+        return f"{entry['kind']} {w[0]}x{w[1]} shift {shifts}{pad}"
+
 
 class PatchMergingParams(DownsampleParams):
     """Swin's patch merging (arXiv 2103.14030; timm ``swin_transformer.PatchMerging``): each 2x2
@@ -109,6 +134,10 @@ class PatchMergingParams(DownsampleParams):
     def resolve(self, in_chs, out_chs, in_grid, loc):
         return {"kind": self.kind, "in_chs": in_chs, "out_chs": out_chs,
                 "norm": self.norm.resolve(4 * in_chs, f"{loc}.norm")}
+
+    @classmethod
+    def crosses_units(cls, entry, unit=None, grid=None):
+        return None  # 2x2 neighbourhoods; the plan checks that the stride 2 divides the unit
 
 
 registry.register("token_mixer", "window_attention", WindowAttentionParams,

@@ -80,7 +80,17 @@ class KernelPoolParams(DownsampleParams):
 
     def resolve(self, in_chs, out_chs, in_grid, loc):
         return {"kind": self.kind, "method": self.method, "frozen": self.frozen, "in_chs": in_chs,
-                "out_chs": out_chs, "kernel_size": self.kernel_size, "stride": self.stride, "padding": self.padding, "norm": self.norm.resolve(in_chs, f"{loc}.norm")}
+                "out_chs": out_chs, "kernel_size": self.kernel_size, "stride": self.stride, "padding": self.padding,
+                "norm": self.norm.resolve(in_chs, f"{loc}.norm")}
+
+    @classmethod
+    def crosses_units(cls, entry, unit=None, grid=None):
+        # a token-wise norm (and 1x1 conv), then a k x k window op
+        k, s, p = entry["kernel_size"], entry["stride"], entry["padding"]
+        if k != s or p:
+            return (f"{entry['kind']} {k}x{k}/s{s}/p{p} reads neighbouring tokens across mask-unit borders; a "
+                    "unit-local one has kernel_size = stride and padding 0")
+        return None
 
 
 class AvgPoolDownsampleParams(KernelPoolParams):
@@ -116,7 +126,7 @@ class SpatialLinearParams(DownsampleParams):
     ``(B, H, W, C_in) -> (B, H/stride, W/stride, C_out)``.
 
     Its weights are sized for ``N_in = H * W`` tokens, so a model built at one ``img_size`` runs
-    only at that size (the module raises a ValueError naming both sizes otherwise).
+    only at that size (``fixed_grid``: the plan refuses other input sizes with a PlanError).
     """
 
     kind: Literal["sp_lin"] = "sp_lin"
@@ -124,6 +134,7 @@ class SpatialLinearParams(DownsampleParams):
     norm: NormField = Field(default_factory=_ln, description="norm over channels, before and after the token map")
     frozen: ClassVar[bool] = False
     use_mlp: ClassVar[bool] = False
+    fixed_grid: ClassVar[bool] = True  # the token-axis Linear is sized N_in -> N_out
 
     def out_grid(self, in_grid, loc):
         return exact_reduction(in_grid, self.stride, loc)
@@ -216,7 +227,7 @@ class Att0Params(DownsampleParams):
     Layout: with learnable clusters the outputs have no spatial order (``seq`` layout,
     ``(B, N', C_out)``); with a pooling ``clusters_init`` output ``(i, j)`` comes from the pooled
     cell ``(i, j)``, so the ``grid`` layout is kept. The cluster count is fixed by the grid at the
-    spec's ``img_size``; the modules raise a ValueError at other input sizes.
+    spec's ``img_size`` (``fixed_grid``: the plan refuses other input sizes with a PlanError).
     """
 
     kind: Literal["att0"] = "att0"
@@ -231,6 +242,7 @@ class Att0Params(DownsampleParams):
     norm: NormField = Field(default_factory=_ln, description="norm of tokens and clusters (C_in), and of pairs (2 C_in)")
     accepts: ClassVar[frozenset] = frozenset({"grid"})
     prepares_previous_stage: ClassVar[bool] = True
+    fixed_grid: ClassVar[bool] = True  # K = 2 * (H/stride) * (W/stride) clusters at the spec's img_size
 
     @property
     def produces(self) -> str:  # type: ignore[override]
@@ -269,9 +281,9 @@ class Att0Params(DownsampleParams):
         if self.clusters_init is not None:
             where = f"{loc}.clusters_init"
             # what the component is decides first: a stride hint is no use for one that cannot work
-            if getattr(self.clusters_init, "emits_token_sizes", False) or self.clusters_init.fused \
-                    or getattr(self.clusters_init, "prepares_previous_stage", False) \
-                    or self.clusters_init.produces != "grid":
+            init_ds = self.clusters_init
+            if init_ds.emits_token_sizes or init_ds.fused or init_ds.prepares_previous_stage \
+                    or init_ds.identity or init_ds.produces != "grid":
                 raise PlanError(where, f"{self.clusters_init.kind!r} cannot make clusters (they must be a grid of "
                                 "cells); use a grid downsampler such as conv, avg or max")
             got = tuple(self.clusters_init.out_grid(grid, where))

@@ -23,145 +23,19 @@ from typing import Any, Literal, Mapping, Optional, Union
 
 from pydantic import Field
 
-from .. import registry
-from .base import StrictModel, did_you_mean
-from .mae import MAESpec
-from .model import EncoderSpec, HeadSpec, Lineage, StageDefaults, StageSpec
+from ..errors import OverrideError, UsageError
+from .base import StrictModel
+from .model import EncoderSpec, Lineage
+from .overrides import record_step
 
 __all__ = ["with_changes", "scale", "replay_lineage", "ScalingRule", "Lineage", "OverrideError", "parse_assignment",
            "pooling_split"]
 
 #: Fields holding a component, by the slot they are looked up in.
-_COMPONENT_FIELDS = {"token_mixer": "token_mixer", "downsample": "downsample", "feedforward": "feedforward",
-                     "norm": "norm", "pos_embed": "pos_embed", "head_norm": "norm"}
-_MODELS = {"spec": EncoderSpec, "stage": StageSpec, "defaults": StageDefaults, "head": HeadSpec, "mae": MAESpec}
-
-
-class OverrideError(ValueError):
-    """An override path that matches nothing; ``path`` is the offending dotted path."""
-
-    def __init__(self, path: str, message: str):
-        self.path = path
-        super().__init__(f"{path}: {message}")
-
-
-def _component_fields(slot: str, value: Any, path: str) -> set[str]:
-    if not isinstance(value, dict) or "kind" not in value:
-        raise OverrideError(path, f"no {slot} is set here; set {path} to a component first "
-                            f"(e.g. {{kind: {registry.names(slot)[0]}}})")
-    params = registry.get(slot, value["kind"]).params
-    return set(params.model_fields)
-
-
-def _effective_component(root: dict, key: str, stage_index: int) -> Any:
-    """A stage's component when the stage does not set it: the spec's default, else the library's."""
-    from ..plan import _DOWNSAMPLE, _STEM, LIBRARY_DEFAULTS
-
-    value = root.get("defaults", {}).get(key)
-    if value is None:
-        lib = LIBRARY_DEFAULTS.model_dump(mode="json", exclude_none=True)
-        value = lib.get(key) or (dict(_STEM if stage_index == 0 else _DOWNSAMPLE) if key == "downsample" else None)
-    return copy.deepcopy(value)
-
-
-def _descend(node: Any, kind: str, tokens: list[str], value: Any, done: str, root: dict | None = None) -> None:
-    """Set ``value`` at ``tokens`` inside ``node`` (JSON-like data of model ``kind``)."""
-    root = node if root is None else root
-    key, rest = tokens[0], tokens[1:]
-    path = f"{done}.{key}" if done else key
-    if kind == "stages":
-        if key == "*":
-            targets = range(len(node))
-        else:
-            try:
-                targets = [int(key)]
-            except ValueError:
-                raise OverrideError(path, "a stage index or '*' was expected") from None
-            if not -len(node) <= targets[0] < len(node):
-                raise OverrideError(path, f"no such stage; the spec has {len(node)} (0-{len(node) - 1}) or use '*'")
-        if not rest:
-            raise OverrideError(path, "name a stage field, e.g. stages.0.depth")
-        for i in targets:
-            _descend(node[i], "stage", rest, copy.deepcopy(value), f"{done}.{i}" if done else str(i), root)
-        return
-    if kind.startswith("component:"):
-        slot = kind.split(":", 1)[1]
-        fields = _component_fields(slot, node, done)
-        if key not in fields:
-            raise OverrideError(path, f"{node['kind']!r} has no option {key!r}{did_you_mean(key, fields)}; "
-                                f"valid: {', '.join(sorted(fields))}")
-        if rest:
-            if key == "norm":
-                sub = node.get(key)
-                if isinstance(sub, str):
-                    sub = node[key] = {"kind": sub}
-                _descend(sub, "component:norm", rest, value, path, root)
-                return
-            raise OverrideError(path, f"{key!r} is a value, not a mapping")
-        if key == "kind":
-            # A new kind gets its own defaults: the old kind's options may not exist on it.
-            node.clear()
-        node[key] = value
-        return
-    model = _MODELS[kind]
-    fields = set(model.model_fields)
-    if key not in fields:
-        raise OverrideError(path, f"unknown key {key!r}{did_you_mean(key, fields)}; valid: {', '.join(sorted(fields))}")
-    if not rest:
-        node[key] = value
-        return
-    if key == "stages":
-        _descend(node[key], "stages", rest, value, path, root)
-    elif key in _COMPONENT_FIELDS:
-        sub = node.get(key)
-        if sub is None and kind == "stage":
-            # Changing an option of a component the stage inherits: the stage gets its own copy.
-            sub = _effective_component(root, key, int(done.rsplit(".", 1)[-1]))
-        if isinstance(sub, str):
-            sub = {"kind": sub}
-        if sub is not None:
-            node[key] = sub
-        _descend(sub, f"component:{_COMPONENT_FIELDS[key]}", rest, value, path, root)
-    elif key in ("defaults", "head", "mae"):  # nested sections; a missing one starts from its defaults
-        _descend(node.setdefault(key, {}), key, rest, value, path, root)
-    elif key == "lineage":
-        raise OverrideError(path, "lineage is recorded by hfactory, not set by hand")
-    else:
-        raise OverrideError(".".join([path, *rest]), f"{key!r} is a value, not a mapping")
-
-
 def with_changes(spec: EncoderSpec, changes: Mapping[str, Any], *, record: bool = True) -> EncoderSpec:
-    """A copy of ``spec`` with the values at the given dotted paths replaced.
-
-    Args:
-        spec: the base spec.
-        changes: ``{path: value}``, applied in order; ``stages.*.x`` changes every stage.
-            Setting a component's ``kind`` replaces the component (its old options are dropped).
-        record: add the changes to ``lineage`` (base name and path -> value).
-
-    Raises:
-        OverrideError: a path that matches nothing (names the path and the valid keys).
-        pydantic.ValidationError: a value of the wrong type (located, as for a hand-written spec).
-    """
-    data = spec.model_dump(mode="json", exclude_none=True)
-    for path, value in changes.items():
-        tokens = str(path).split(".")
-        if not all(tokens):
-            raise OverrideError(str(path), "empty path component")
-        if any(t != t.strip() for t in tokens):
-            raise OverrideError(str(path), "a path component has spaces around it; write e.g. stages.0.depth")
-        _descend(data, "spec", tokens, value, "")
-    if record:
-        _record(data, spec, {"changes": {str(k): v for k, v in changes.items()}})
-    return EncoderSpec.model_validate(data)
-
-
-def _record(data: dict, spec: EncoderSpec, step: dict) -> None:
-    """Append ``step`` to the lineage in ``data`` (a dumped spec derived from ``spec``)."""
-    lineage = dict(data.get("lineage") or {})
-    lineage.setdefault("base", spec.name)
-    lineage["steps"] = [*lineage.get("steps", []), step]
-    data["lineage"] = lineage
+    """A copy of ``spec`` with the values at the given dotted paths replaced (the same as
+    :meth:`EncoderSpec.with_changes`, which documents the arguments and errors)."""
+    return spec.with_changes(changes, record=record)
 
 
 def replay_lineage(spec: EncoderSpec, base: Optional[EncoderSpec] = None) -> EncoderSpec:
@@ -175,12 +49,12 @@ def replay_lineage(spec: EncoderSpec, base: Optional[EncoderSpec] = None) -> Enc
             preset name.
     """
     if spec.lineage is None:
-        raise ValueError(f"{spec.name or 'this spec'} has no lineage (it was not derived with with_changes/scale)")
+        raise UsageError(f"{spec.name or 'this spec'} has no lineage (it was not derived with with_changes/scale)")
     if base is None:
         from ..presets import list_models, load_preset
 
         if spec.lineage.base not in list_models():
-            raise ValueError(f"lineage.base {spec.lineage.base!r} is not a preset; pass the base spec")
+            raise UsageError(f"lineage.base {spec.lineage.base!r} is not a preset; pass the base spec")
         base = load_preset(spec.lineage.base)
     out = base
     for step in spec.lineage.steps:
@@ -200,11 +74,11 @@ def parse_assignment(text: str) -> tuple[str, Any]:
 
     path, sep, raw = text.partition("=")
     if not sep or not path.strip():
-        raise ValueError(f"{text!r}: expected PATH=VALUE, e.g. stages.2.depth=9")
+        raise UsageError(f"{text!r}: expected PATH=VALUE, e.g. stages.2.depth=9")
     try:
         value = load_yaml(raw) if raw.strip() else None
     except ValueError as err:
-        raise ValueError(f"--set {path.strip()}: value {raw!r} is not valid YAML ({_yaml_reason(err)}); "
+        raise UsageError(f"--set {path.strip()}: value {raw!r} is not valid YAML ({_yaml_reason(err)}); "
                          "e.g. 9, 0.2, true, [7, 7] or {kind: pooling}") from None
     if isinstance(value, str):
         # YAML 1.1 reads 1e-5 (no dot) as a string; on a command line it means a number.
@@ -308,10 +182,10 @@ def scale(spec: EncoderSpec, rule: Union[ScalingRule, Mapping[str, Any]], name: 
     elif rule.pooling is not None:
         raise OverrideError("pooling", "is the downsampler of the stages that pooling_stages makes; set "
                             "pooling_stages too (or change stages.*.downsample with with_changes)")
-    _record(data, spec, {"rule": rule.model_dump(mode="json", exclude_defaults=True)})
+    record_step(data, spec, {"rule": rule.model_dump(mode="json", exclude_defaults=True)})
     if name is not None:  # recorded as a step, so replay_lineage gives the same name
         data["name"] = name
-        _record(data, spec, {"changes": {"name": name}})
+        record_step(data, spec, {"changes": {"name": name}})
     scaled = EncoderSpec.model_validate(data)
     resolve(scaled)
     return scaled

@@ -1,15 +1,17 @@
-"""The run directory of ``hfactory train``: ownership checks and resumable checkpoints.
+"""The run directory of ``hfactory train`` and ``pretrain``: ownership checks and resumable checkpoints.
 
 Layout of ``--out DIR``::
 
-    run.json            spec hash + name and the training config (written when the run starts)
+    run.json            spec hash + name and the run's config (written when the run starts);
+                        a pretraining run adds task: mae_pretrain and its mask_ratio
     checkpoint/         the last good checkpoint (replaced as a whole, see save_checkpoint)
         model.safetensors   weights; metadata: spec_hash, step
         spec.yaml           the spec
         state.pt            optimizer, scheduler, RNG states, epoch, step, ... (plain tensors/dicts)
     metrics.jsonl       one JSON line per finished epoch
     metrics.json        final metrics (written at the end)
-    model/              the final model: save_pretrained(), loadable with hfactory.from_pretrained
+    model/              the final model: save_pretrained(), loadable with hfactory.models.load
+    encoder/            (pretraining only) the pretrained encoder alone, for --init-from
 
 Every file is written atomically (a temporary file in the same directory, then ``os.replace``),
 and a checkpoint is first written complete into ``checkpoint.new/`` and then swapped in, so a
@@ -27,9 +29,9 @@ from typing import Any, Optional
 import torch
 
 from ..atomic import atomic_path
-from ..encoder import SPEC_NAME, WEIGHTS_NAME, spec_hash, spec_hashes
+from ..errors import UsageError
+from ..io import SPEC_NAME, WEIGHTS_NAME, load_checked, spec_hash, spec_hashes
 from ..spec.io import dump_spec, load_any_spec
-from ..spec.model import EncoderSpec
 
 __all__ = ["RUN_FILE", "CHECKPOINT_DIR", "MODEL_DIR", "STATE_NAME", "atomic_path", "write_json",
            "check_out_dir", "read_run", "save_checkpoint", "save_model_dir", "find_checkpoint", "load_checkpoint",
@@ -66,30 +68,30 @@ def _recorded_hash(out: Path) -> Optional[str]:
     return None
 
 
-def check_out_dir(out: Path, spec: EncoderSpec, resume: bool) -> bool:
+def check_out_dir(out: Path, spec, resume: bool) -> bool:
     """Refuse to write a run of ``spec`` into ``out`` when that would overwrite another run.
 
     Returns:
         True when ``out`` already holds a run of this spec (and ``resume`` is set).
 
     Raises:
-        ValueError: ``out`` is a file; it holds a run of another spec (different spec hash);
+        UsageError (a ValueError): ``out`` is a file; it holds a run of another spec (different spec hash);
             it holds a run of this spec and ``resume`` is False; ``resume`` is set but ``out``
             holds no run. Nothing is written in any of these cases.
     """
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a directory")
+        raise UsageError(f"--out {out} is a file, not a directory")
     recorded = _recorded_hash(out) if out.is_dir() else None
     want = spec_hash(spec)
     if recorded is None:
         if resume:
-            raise ValueError(f"--resume: {out} holds no run to resume; leave out --resume to start one")
+            raise UsageError(f"--resume: {out} holds no run to resume; leave out --resume to start one")
         return False
     if recorded != want and recorded not in spec_hashes(spec):
-        raise ValueError(f"{out} already holds a run of another spec (spec hash {recorded}, this spec is {want}); "
+        raise UsageError(f"{out} already holds a run of another spec (spec hash {recorded}, this spec is {want}); "
                          "choose another --out; nothing was overwritten")
     if not resume:
-        raise ValueError(f"{out} already holds a run of this spec; add --resume to continue it from its last "
+        raise UsageError(f"{out} already holds a run of this spec; add --resume to continue it from its last "
                          "checkpoint, or choose another --out")
     return True
 
@@ -128,15 +130,15 @@ def save_checkpoint(out: Path, model: torch.nn.Module, state: dict,
     return final
 
 
-def save_model_dir(directory: Path, spec: EncoderSpec, weights: dict[str, torch.Tensor]) -> Path:
-    """Write ``weights`` (a full state dict) and ``spec`` as ``HierarchicalEncoder.save_pretrained``
-    does, for a model whose own ``state_dict`` is sharded (FSDP): the weights are loaded into a
-    model built on the meta device (checked against the spec, nothing allocated twice) and saved
-    with ``save_pretrained``. Returns the directory."""
-    from ..encoder import HierarchicalEncoder
+def save_model_dir(directory: Path, spec, weights: dict[str, torch.Tensor]) -> Path:
+    """Write ``weights`` (a full state dict) and ``spec`` as the spec's model's ``save_pretrained``
+    does (an encoder, or an SFT for an SFT spec), for a model whose own ``state_dict`` is sharded
+    (FSDP): the weights are loaded into a model built on the meta device (checked against the
+    spec, nothing allocated twice) and saved with ``save_pretrained``. Returns the directory."""
+    from ..models import build_model
 
     with torch.device("meta"):
-        model = HierarchicalEncoder(spec)
+        model = build_model(spec)
     model.load_state_dict(weights, strict=True, assign=True)
     return model.save_pretrained(directory)
 
@@ -158,13 +160,11 @@ def load_checkpoint(path: Path, model: torch.nn.Module, expected_hash: str) -> d
     """Load the checkpoint at ``path`` into ``model`` and return its state dict (``state.pt``).
 
     Raises:
-        ValueError: the checkpoint's spec hash is not ``expected_hash``, its weights and state
+        UsageError (a ValueError): the checkpoint's spec hash is not ``expected_hash``, its weights and state
             are from different steps, or the weights do not fit ``model``.
     """
     from safetensors import safe_open
     from safetensors.torch import load_file
-
-    from ..encoder import load_checked
 
     state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
     with safe_open(str(path / WEIGHTS_NAME), "pt") as f:
@@ -173,10 +173,10 @@ def load_checkpoint(path: Path, model: torch.nn.Module, expected_hash: str) -> d
     recorded = {state.get("spec_hash"), meta.get("spec_hash")}
     if spec_hash(saved_spec) != expected_hash or not recorded <= spec_hashes(saved_spec):
         found = sorted(map(str, recorded | {spec_hash(saved_spec)}))
-        raise ValueError(f"checkpoint {path} was written for spec hash(es) {found}, "
+        raise UsageError(f"checkpoint {path} was written for spec hash(es) {found}, "
                          f"but this spec hashes to {expected_hash}; it cannot be resumed with this spec")
     if meta.get("step") != str(state["step"]):
-        raise ValueError(f"checkpoint {path}: weights are from step {meta.get('step')} but the optimizer state "
+        raise UsageError(f"checkpoint {path}: weights are from step {meta.get('step')} but the optimizer state "
                          f"from step {state['step']}; the checkpoint is inconsistent")
     load_checked(model, load_file(str(path / WEIGHTS_NAME)), source=str(path / WEIGHTS_NAME))
     return state
@@ -190,7 +190,7 @@ def checked_model_dir(path: Path) -> Path:
 
     Raises:
         FileNotFoundError: no saved model at ``path``.
-        ValueError: the weights were saved for another spec than the ``spec.yaml`` next to them,
+        UsageError (a ValueError): the weights were saved for another spec than the ``spec.yaml`` next to them,
             or (for a run directory) than the run's spec.
     """
     from safetensors import safe_open
@@ -208,10 +208,10 @@ def checked_model_dir(path: Path) -> Path:
     with safe_open(str(model_dir / WEIGHTS_NAME), "pt") as f:
         saved = (f.metadata() or {}).get("spec_hash")
     if saved is not None and saved not in accepted:
-        raise ValueError(f"{model_dir / WEIGHTS_NAME} was saved for spec hash {saved}, but {model_dir / SPEC_NAME} "
+        raise UsageError(f"{model_dir / WEIGHTS_NAME} was saved for spec hash {saved}, but {model_dir / SPEC_NAME} "
                          f"hashes to {actual}: the spec was changed after saving; restore it or retrain")
     run = read_run(path)
     if run is not None and run["spec_hash"] not in accepted:
-        raise ValueError(f"{model_dir} holds a model of spec hash {actual}, but the run in {path} is of spec "
+        raise UsageError(f"{model_dir} holds a model of spec hash {actual}, but the run in {path} is of spec "
                          f"hash {run['spec_hash']}")
     return model_dir

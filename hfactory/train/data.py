@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
+from ..errors import UsageError
+
 __all__ = ["DIGITS_SPLIT", "DataBundle", "load_data", "load_digits", "load_image_folder"]
 
 #: The fixed digits split: ``train_test_split(..., test_size=0.2, random_state=0, stratify=y)``.
@@ -51,7 +53,7 @@ def load_data(data: str, img_size: tuple[int, int], in_chans: int) -> DataBundle
     """``'digits'`` -> :func:`load_digits`; anything else is an ImageFolder root directory.
 
     Raises:
-        FileNotFoundError / ValueError: see :func:`load_image_folder`.
+        FileNotFoundError / UsageError: see :func:`load_image_folder`.
     """
     if data == "digits":
         return load_digits(img_size, in_chans)
@@ -129,7 +131,7 @@ def load_image_folder(root: str | os.PathLike, img_size: tuple[int, int], in_cha
 
     Raises:
         FileNotFoundError: ``root``, ``root/train`` or ``root/val`` does not exist.
-        ValueError: a split has no class folders or no images, train and val class lists
+        UsageError (a ValueError): a split has no class folders or no images, train and val class lists
             differ, or its first image cannot be read (the message names the path).
     """
     from torchvision.datasets import ImageFolder
@@ -148,29 +150,29 @@ def load_image_folder(root: str | os.PathLike, img_size: tuple[int, int], in_cha
             ds = ImageFolder(str(path), transform=_transforms(img_size, in_chans, split == "train"),
                              loader=_load_image)
         except (FileNotFoundError, OSError) as err:  # no class folders, or folders without images
-            raise ValueError(f"{path}: no usable images ({err})") from None
+            raise UsageError(f"{path}: no usable images ({err})") from None
         _check_readable(ds, path)
         splits[split] = ds
     if splits["train"].classes != splits["val"].classes:
-        raise ValueError(f"{root}: train and val have different class folders "
+        raise UsageError(f"{root}: train and val have different class folders "
                          f"({len(splits['train'].classes)} vs {len(splits['val'].classes)}); they must match")
     return DataBundle(str(root), splits["train"], splits["val"], len(splits["train"].classes), False)
 
 
 def _load_image(path: str):
-    """torchvision's PIL loader, but a corrupt file is a ValueError that names it (not a bare
+    """torchvision's PIL loader, but a corrupt file is a UsageError that names it (not a bare
     PIL error in the middle of an epoch)."""
     from torchvision.datasets.folder import default_loader
 
     try:
         return default_loader(path)
     except Exception as err:  # PIL raises several types for corrupt files
-        raise ValueError(f"cannot read image {path}: {err}") from None
+        raise UsageError(f"cannot read image {path}: {err}") from None
 
 
 def _check_readable(ds, path: Path) -> None:
     """Load the first sample now, so an unreadable dataset fails before training starts."""
     try:
         ds[0]
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
+    except UsageError as err:  # an unreadable image; other errors (of transforms) are bugs and keep theirs
+        raise UsageError(f"{path}: {err}") from None

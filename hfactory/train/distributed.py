@@ -1,4 +1,4 @@
-"""Many processes for ``hfactory train``: torchrun, DDP or FSDP2, one global batch.
+"""Many processes for ``hfactory train`` and ``pretrain``: torchrun, DDP or FSDP2, one global batch.
 
 Launch::
 
@@ -50,9 +50,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..cli import QuietAbort
+from ..errors import QuietAbort, UsageError, is_user_error
 
-__all__ = ["DistContext", "session", "GlobalBatchSampler", "shard_positions", "agree", "QuietAbort"]
+__all__ = ["DistContext", "session", "GlobalBatchSampler", "shard_positions", "agree", "is_user_error", "QuietAbort"]
 
 
 @dataclass
@@ -97,7 +97,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value) if value is not None else default
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+        raise UsageError(f"environment variable {name}={value!r} is not an integer") from None
 
 
 @contextlib.contextmanager
@@ -110,18 +110,18 @@ def session(device_arg: Optional[str]) -> Iterator[tuple[DistContext, torch.devi
     one is already initialised, and destroys the group it created on exit.
 
     Raises:
-        ValueError: bad torchrun environment, or ``--device cuda`` without CUDA.
+        UsageError (a ValueError): bad torchrun environment, or ``--device cuda`` without CUDA.
     """
     world = _env_int("WORLD_SIZE", 1)
     rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
     want_cuda = device_arg.startswith("cuda") if device_arg else torch.cuda.is_available()
     if want_cuda and not torch.cuda.is_available():
-        raise ValueError(f"--device {device_arg}: CUDA is not available; use --device cpu")
+        raise UsageError(f"--device {device_arg}: CUDA is not available; use --device cpu")
     if world <= 1:
         yield DistContext(), torch.device(device_arg or ("cuda" if want_cuda else "cpu"))
         return
     if not 0 <= rank < world:
-        raise ValueError(f"RANK {rank} is not in [0, WORLD_SIZE={world})")
+        raise UsageError(f"RANK {rank} is not in [0, WORLD_SIZE={world})")
     device = torch.device("cuda", local_rank) if want_cuda else torch.device(device_arg or "cpu")
     created = False
     if not dist.is_initialized():
@@ -175,26 +175,31 @@ def agree(ctx: DistContext, fn: Callable[[], Any]) -> Any:
 
     The process that failed (rank 0 first) re-raises its own exception; the others raise
     :class:`QuietAbort`, so a refused run directory or a bad data directory is reported once
-    and no process waits forever for the others. Returns ``fn()``'s value.
+    and no process waits forever for the others. When rank 0 passed but another process failed,
+    rank 0 raises a :class:`UsageError` naming that process and its message if the error was a
+    user error (:func:`is_user_error`), else a ``RuntimeError`` (a bug, reported as one).
+    Returns ``fn()``'s value.
     """
     error: Optional[BaseException] = None
     try:
         value = fn()
-    except (ValueError, FileNotFoundError, OSError) as err:
+    except Exception as err:  # any failure: a process that raised alone would leave the others waiting
         error, value = err, None
     if not ctx.enabled:
         if error is not None:
             raise error
         return value
-    failed = ctx.gather_objects(None if error is None else f"{type(error).__name__}: {error}")
+    report = None if error is None else (f"{type(error).__name__}: {error}", is_user_error(error))
+    failed = ctx.gather_objects(report)
     first = next((r for r, msg in enumerate(failed) if msg is not None), None)
     if first is None:
         return value
     if ctx.rank == first:
         raise error
+    message, user = failed[first]
     if ctx.is_main:  # rank 0 passed but another process failed: say which and why
-        raise ValueError(f"process {first} of {ctx.world_size} failed: {failed[first]}")
-    raise QuietAbort(f"process {first} failed")
+        raise (UsageError if user else RuntimeError)(f"process {first} of {ctx.world_size} failed: {message}")
+    raise QuietAbort(f"process {first} failed", status=2 if user else 1)
 
 
 def wrap_model(model: nn.Module, ctx: DistContext, device: torch.device, fsdp: bool) -> nn.Module:
@@ -202,11 +207,11 @@ def wrap_model(model: nn.Module, ctx: DistContext, device: torch.device, fsdp: b
     the root) when ``fsdp``; ``model`` itself for one process without ``fsdp``.
 
     Raises:
-        ValueError: ``fsdp`` without torchrun (needs a process group).
+        UsageError (a ValueError): ``fsdp`` without torchrun (needs a process group).
     """
     if fsdp:
         if not ctx.enabled:
-            raise ValueError("--fsdp needs several processes: torchrun --nproc_per_node=N -m hfactory train ...")
+            raise UsageError("--fsdp needs several processes: torchrun --nproc_per_node=N -m hfactory train ...")
         from torch.distributed.fsdp import fully_shard
 
         # Stages are sharded one by one; a model without stages (SFT, whose codecs run through
