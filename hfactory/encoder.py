@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .errors import UsageError
-from .build import Stage, build_component, build_stages
+from .builder import Stage, build_component, build_stages
 from .features import feature_take_indices
 # re-exported: hfactory.encoder was their home before hfactory.io
 from .io import SPEC_NAME, WEIGHTS_NAME, load_checked, load_model_dir, save_model_dir, spec_hash, spec_hashes  # noqa: F401
@@ -84,7 +84,7 @@ class HierarchicalEncoder(nn.Module):
             self.stages = build_stages(self.plan)
             self.norm = build_component("norm", self.plan.head_norm)
             self.head = ClassifierHead(self.plan.num_features, self.plan.num_classes, self.plan.global_pool,
-                                       self.plan.drop_rate, self.plan.head)
+                                       self.plan.drop_rate, self.plan.head, self._head_norm())
             self.apply(_init_weights)
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)  # also buffers a layer made on an explicit device
@@ -392,11 +392,17 @@ class HierarchicalEncoder(nn.Module):
         device = device if device is not None or ref is None else ref.device
         dtype = dtype if dtype is not None or ref is None else ref.dtype
         with torch.device(device) if device is not None else nullcontext():
-            fc = make_classifier(self.num_features, num_classes, self.plan.head, self.plan.drop_rate)
+            fc = make_classifier(self.num_features, num_classes, self.plan.head, self.plan.drop_rate,
+                                 self._head_norm())
             fc.apply(_init_weights)
         if dtype is not None:
             fc = fc.to(dtype=dtype)
         self.head.fc = fc.train(self.head.training)
+
+    def _head_norm(self) -> Optional[nn.Module]:
+        """The classifier's own norm (an ``mlp`` head's), built from the plan; None without one."""
+        norm = self.plan.head.get("norm")
+        return build_component("norm", norm) if norm is not None else None
 
     def _set_spec(self, update: dict) -> None:
         """Replace top-level spec fields (JSON-like values), revalidate and re-plan."""

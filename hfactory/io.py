@@ -43,6 +43,10 @@ def spec_hash(spec) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+#: StageSpec / StageDefaults fields that the first hash format (full dump) did not have.
+_STAGE_FIELDS_AFTER_FIRST_FORMAT = ("blocks", "out_norm")
+
+
 def spec_hashes(spec) -> set[str]:
     """The hashes saved files may carry for ``spec``: :func:`spec_hash`, and the one hfactory
     wrote before it hashed only non-default fields: SHA-256 of the full JSON dump, with a
@@ -51,6 +55,11 @@ def spec_hashes(spec) -> set[str]:
     from pydantic_core import to_json
 
     legacy = spec.model_dump()
+    # stage fields added after that format existed are absent from its dump when left unset
+    for part in [legacy.get("defaults") or {}, *(legacy.get("stages") or [])]:
+        for key in _STAGE_FIELDS_AFTER_FIRST_FORMAT:
+            if key in part and part[key] is None:
+                del part[key]
     lineage = getattr(spec, "lineage", None)
     if lineage is not None:
         changes = [s.changes for s in lineage.steps if s.changes is not None]

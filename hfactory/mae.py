@@ -139,7 +139,7 @@ class MaskedAutoencoder(nn.Module):
         mixer = AttentionParams().resolve(ctx)
         mlp = MlpParams(hidden_layer_multiplier=mae.decoder_mlp_ratio, activation="gelu").resolve(d, "mae.decoder")
         norm = LayerNormParams(eps=1e-6).resolve(d, "mae.decoder")
-        from .build import build_component
+        from .builder import build_component
 
         self.decoder_blocks = nn.ModuleList(
             Block(d, build_component("token_mixer", mixer), build_component("feedforward", mlp),

@@ -32,7 +32,7 @@ from .spec.model import LIBRARY_DEFAULTS, EncoderSpec, StageDefaults, StageSpec,
 from .spec.protocol import ComponentParams, StageContext
 
 __all__ = ["Plan", "StagePlan", "BlockPlan", "resolve", "LIBRARY_DEFAULTS", "PlanError", "mae_verdict",
-           "crosses_units", "describe_entry", "MAX_SIZE", "MAX_BLOCKS"]
+           "crosses_units", "describe_entry", "describe_mixers", "MAX_SIZE", "MAX_BLOCKS"]
 
 # Advice for a stage 0 without a patch embedding: the library's stem with a 4x4 patch.
 _STEM_ADVICE = "{" + ", ".join(f"{k}: {v}" for k, v in {**default_downsample(0, as_dict=True), "patch_size": 4,
@@ -52,6 +52,9 @@ class BlockPlan(BaseModel):
     norm1: dict
     token_mixer: dict
     expand: str = "proj"
+    #: a per-block override's feedforward and second norm (None: the stage's)
+    feedforward: Optional[dict] = None
+    norm2: Optional[dict] = None
 
 
 class StagePlan(BaseModel):
@@ -86,6 +89,8 @@ class StagePlan(BaseModel):
     feedforward: dict
     norm: dict
     blocks: tuple[BlockPlan, ...]
+    #: The stage's output norm after its blocks (PVTv2's per-stage norm), or None.
+    out_norm: Optional[dict] = None
     #: Extra tokens the blocks carry after the grid's (att0's clusters, made by the next stage's
     #: downsampler's plan): the builder's entry, or None. The stage then outputs
     #: ``(B, H*W + K, C)``; intermediates strip the K carried tokens.
@@ -144,7 +149,7 @@ class Plan(BaseModel):
                 str(s.index), f"{s.in_grid[0]}x{s.in_grid[1]} -> {s.out_grid[0]}x{s.out_grid[1]}",
                 str(s.seq_len), f"{s.in_chs}->{s.out_chs}", "-" if s.num_heads is None else str(s.num_heads),
                 str(s.depth), describe_entry("downsample", s.downsample),
-                describe_entry("token_mixer", s.token_mixer, [b.token_mixer for b in s.blocks]),
+                describe_mixers(s),
                 describe_entry("feedforward", s.feedforward),
                 f"{s.drop_path[0]:.3f}-{s.drop_path[-1]:.3f}",
             ])
@@ -158,6 +163,20 @@ def describe_entry(slot: str, entry: dict, blocks=()) -> str:
     its params model describes it (``conv7/s4/p2``, ``pooling3``, ``window_attention 7x7 shift
     0/3``); ``blocks``: for a stage's token mixer, its blocks' entries."""
     return registry.get(slot, entry["kind"]).params.describe(entry, blocks)
+
+
+def describe_mixers(stage: StagePlan) -> str:
+    """The token mixers of a stage: the stage's own (described with the blocks that use its kind),
+    then each other kind a per-block override put in, with its blocks: ``window_attention 14x14
+    shift 0 + attention@2,5``."""
+    kind = stage.token_mixer["kind"]
+    own = [b.token_mixer for b in stage.blocks if b.token_mixer["kind"] == kind]
+    text = describe_entry("token_mixer", stage.token_mixer, own)
+    others: dict[str, list[int]] = {}
+    for j, b in enumerate(stage.blocks):
+        if b.token_mixer["kind"] != kind:
+            others.setdefault(b.token_mixer["kind"], []).append(j)
+    return text + "".join(f" + {k}@{','.join(map(str, js))}" for k, js in others.items())
 
 
 def _pick(stage: StageSpec, defaults: StageDefaults, name: str):
@@ -189,6 +208,21 @@ def _heads(loc: str, dim: int, stage: StageSpec, defaults: StageDefaults) -> tup
                             f"{loc}; set {loc}.num_heads (one of {divisors}) or a dim_head dividing {dim}")
         return dim // dim_head, dim_head
     raise AssertionError("LIBRARY_DEFAULTS sets dim_head")
+
+
+def _block_overrides(stage: StageSpec, depth: int, loc: str) -> dict[int, tuple[dict, dict]]:
+    """Block index -> (the values ``stage.blocks`` overrides there, the spec location that set each),
+    later overrides winning. Only blocks something overrides appear."""
+    out: dict[int, tuple[dict, dict]] = {}
+    for j, override in enumerate(stage.blocks or ()):
+        where = f"{loc}.blocks.{j}"
+        for b in override.selects(depth, where):
+            values, sources = out.setdefault(b, ({}, {}))
+            for key in ("token_mixer", "feedforward", "norm", "drop_path"):
+                value = getattr(override, key)
+                if value is not None:
+                    values[key], sources[key] = value, where
+    return out
 
 
 def _registered(slot: str, accepts: Optional[str] = None, **declared) -> str:
@@ -318,35 +352,64 @@ def _resolve(spec: EncoderSpec, img_size: tuple[int, int]) -> Plan:
 
         mixer = _pick(stage, spec.defaults, "token_mixer")
         _check_layout(mixer, layout, f"{loc}.token_mixer", seq_from)
-        num_heads, dim_head = _heads(loc, dim, stage, spec.defaults) if mixer.uses_heads else (None, None)
         ffn, norm = (_pick(stage, spec.defaults, k) for k in ("feedforward", "norm"))
         for comp, key in ((ffn, "feedforward"), (norm, "norm")):
             _check_layout(comp, layout, f"{loc}.{key}", seq_from)
         depth = _pick(stage, spec.defaults, "depth")
+        per_block = _block_overrides(stage, depth, loc)
+        for b, (o, where) in per_block.items():
+            for key in ("token_mixer", "feedforward", "norm"):
+                if o.get(key) is not None:
+                    _check_layout(o[key], layout, f"{where[key]}.{key}", seq_from)
+        uses_heads = mixer.uses_heads or any(o.get("token_mixer") is not None and o["token_mixer"].uses_heads
+                                             for o, _ in per_block.values())
+        num_heads, dim_head = _heads(loc, dim, stage, spec.defaults) if uses_heads else (None, None)
         ctx = StageContext(loc=f"{loc}.token_mixer", dim=dim, grid=out_grid, layout=layout,
                            num_heads=num_heads, dim_head=dim_head, unit_size=unit,
                            token_sizes=sizes_from is not None)
         norm_resolved = _in_units("norm", norm, norm.resolve(dim, f"{loc}.norm"), f"{loc}.norm", layout, unit,
                                   out_grid)
-        blocks = [BlockPlan(dim_in=dim, q_stride=None, norm1=norm_resolved, token_mixer=_mixer_entry(
-            mixer, dataclasses.replace(ctx, block_index=b))) for b in range(depth)]
-        if ds.fused:
-            blocks[0] = _fused_first_block(ds, mixer, prev_mixer, stage, spec, loc, dim, chs, grid, in_unit,
-                                           layout, q_stride)
+        blocks = []
+        for b in range(depth):
+            o, where = per_block.get(b, ({}, {}))
+            block_mixer = o.get("token_mixer") or mixer
+            mixer_loc = f"{where['token_mixer']}.token_mixer" if "token_mixer" in o else f"{loc}.token_mixer"
+            bp = BlockPlan(dim_in=dim, q_stride=None, norm1=norm_resolved, token_mixer=_mixer_entry(
+                block_mixer, dataclasses.replace(ctx, loc=mixer_loc, block_index=b)))
+            if b == 0 and ds.fused:
+                bp = _fused_first_block(ds, mixer, prev_mixer, stage, spec, loc, dim, chs, grid, in_unit, layout,
+                                           q_stride, override=(o.get("token_mixer"), mixer_loc))
+            update = {}
+            if "norm" in o:  # both of the block's norms (its first one at its input width)
+                n_loc = f"{where['norm']}.norm"
+                update["norm1"] = _in_units("norm", o["norm"], o["norm"].resolve(bp.dim_in, n_loc), n_loc, layout,
+                                            unit, out_grid)
+                update["norm2"] = _in_units("norm", o["norm"], o["norm"].resolve(dim, n_loc), n_loc, layout, unit,
+                                            out_grid)
+            if "feedforward" in o:
+                f_loc = f"{where['feedforward']}.feedforward"
+                update["feedforward"] = _in_units("feedforward", o["feedforward"], o["feedforward"].resolve(dim, f_loc),
+                                                  f_loc, layout, unit, out_grid)
+            blocks.append(bp.model_copy(update=update) if update else bp)
         style = _pick(stage, spec.defaults, "residual_norm_style")
-        if ds.fused and style == "post":
+        if ds.fused and style != "pre":
             where = f"{loc}.residual_norm_style" if stage.residual_norm_style else "defaults.residual_norm_style"
             raise PlanError(where, f"{ds.kind!r} at {loc}.downsample fuses the stage transition into the first "
                             "block, which is pre-norm only (its residual is the projection of the normed input); "
                             f"use residual_norm_style: pre in {loc}, or a downsampler with its own module")
         layer_scale = _pick(stage, spec.defaults, "layer_scale")
+        out_norm = _pick(stage, spec.defaults, "out_norm")
+        if out_norm is not None:
+            _check_layout(out_norm, layout, f"{loc}.out_norm", seq_from)
+            out_norm = _in_units("norm", out_norm, out_norm.resolve(dim, f"{loc}.out_norm"), f"{loc}.out_norm",
+                                 layout, unit, out_grid)
         stages.append(StagePlan(
             index=i, layout=layout, unit_size=unit, in_grid=grid, out_grid=out_grid, seq_len=seq_len, in_chs=chs,
             out_chs=dim, reduction=_reduction(img_size, out_grid, layout), depth=depth, num_heads=num_heads,
             dim_head=dim_head, residual_norm_style=style,
             layer_scale=None if layer_scale is False else float(layer_scale),
             res_scale=_pick(stage, spec.defaults, "res_scale"),
-            drop_path=tuple(rates[block:block + depth]),
+            drop_path=tuple(per_block.get(b, ({}, {}))[0].get("drop_path", rates[block + b]) for b in range(depth)),
             downsample=ds_resolved,
             pos_embed=_in_units("pos_embed", pos, pos.resolve(StageContext(
                 f"{loc}.pos_embed", dim, out_grid, pos_layout, unit_size=unit)), f"{loc}.pos_embed", pos_layout,
@@ -356,6 +419,7 @@ def _resolve(spec: EncoderSpec, img_size: tuple[int, int]) -> Plan:
                                   layout, unit, out_grid),
             norm=norm_resolved,
             blocks=tuple(blocks),
+            out_norm=out_norm,
         ))
         block += depth
         grid, chs, prev_mixer = out_grid, dim, mixer
@@ -388,6 +452,8 @@ def _check_group_sizes(plan: Plan) -> None:
         check(s.norm, cells_out, f"{loc}.norm")
         for b in s.blocks:
             check(b.norm1, cells_in if b.q_stride else cells_out, f"{loc}.norm")
+            check(b.norm2, cells_out, f"{loc}.norm")
+        check(s.out_norm, cells_out, f"{loc}.out_norm")
         ds_norm = s.downsample.get("norm")
         check(ds_norm, cells_in if s.downsample.get("pre_norm") else cells_out, f"{loc}.downsample.norm")
     last = plan.stages[-1].out_grid
@@ -427,14 +493,20 @@ def _shrink_unit(unit, grid, out_grid, loc) -> tuple[int, int]:
     return tuple(new)
 
 
-def _fused_first_block(ds, mixer, prev_mixer, stage, spec, loc, dim, dim_in, grid, in_unit, layout, q_stride):
+def _fused_first_block(ds, mixer, prev_mixer, stage, spec, loc, dim, dim_in, grid, in_unit, layout, q_stride,
+                       override=(None, None)):
     """Hiera's stage-transition block: queries (and residual) pooled by q_stride, dim_in -> dim,
-    and, with lag_mixer, the previous stage's token mixer."""
+    and, with lag_mixer, the previous stage's token mixer; a per-block override of block 0's
+    mixer (``override``: component, location) takes precedence over both."""
     if prev_mixer is None:
         raise PlanError(f"{loc}.downsample", f"{ds.kind!r} pools inside the first block, so it needs a previous "
                         f"stage; stage 0 needs a patch embedding such as {_STEM_ADVICE}")
-    use, where = (prev_mixer, f"stages.{int(loc.split('.')[1]) - 1}.token_mixer") if ds.first_block_lags_mixer() \
-        else (mixer, f"{loc}.token_mixer")
+    if override[0] is not None:
+        use, where = override
+    elif ds.first_block_lags_mixer():
+        use, where = prev_mixer, f"stages.{int(loc.split('.')[1]) - 1}.token_mixer"
+    else:
+        use, where = mixer, f"{loc}.token_mixer"
     if not use.supports_q_stride:
         raise PlanError(f"{loc}.downsample", f"{ds.kind!r} needs its first block's token mixer ({use.kind!r} from "
                         f"{where}) to pool queries; use one that can there: "
@@ -539,7 +611,11 @@ def mae_verdict(plan: Plan) -> Optional[str]:
             block = f"(block {j}) " if s.depth > 1 else ""  # in the message: the location stays a spec path
             checks += [("norm", b.norm1, f"{loc}.norm", ""),
                        ("token_mixer", b.token_mixer, f"{loc}.token_mixer", block)]
+            checks += [(slot, entry, f"{loc}.{slot}", block) for slot, entry in
+                       (("feedforward", b.feedforward), ("norm", b.norm2)) if entry is not None]
         checks += [("feedforward", s.feedforward, f"{loc}.feedforward", ""), ("norm", s.norm, f"{loc}.norm", "")]
+        if s.out_norm is not None:
+            checks.append(("norm", s.out_norm, f"{loc}.out_norm", ""))
         for slot, entry, where, block in checks:
             if entry.get("per_unit"):
                 continue  # resolve() checked it on the whole grid before cutting it to one unit

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .errors import UsageError
-from .build import build_component
+from .builder import build_component
 from .layers.attention import attention
 from .layers.block import Block
 from .spec.base import PlanError

@@ -44,7 +44,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import UsageError
-from .plan import describe_entry
+from .plan import describe_entry, describe_mixers
 
 __all__ = ["summarize", "format_summary", "count_macs", "saved_activation_bytes"]
 
@@ -246,7 +246,7 @@ def summarize(spec, batch: int = 1) -> dict:
         stages.append({
             "index": s.index, "in_grid": list(s.in_grid), "out_grid": list(s.out_grid), "tokens": s.seq_len,
             "in_chs": s.in_chs, "out_chs": s.out_chs, "heads": s.num_heads, "depth": s.depth,
-            "mixer": describe_entry("token_mixer", s.token_mixer, [b.token_mixer for b in s.blocks]),
+            "mixer": describe_mixers(s),
             "downsample": describe_entry("downsample", s.downsample),
             "params": sum(p.numel() for p in stage.parameters()), "gmacs": _g(macs[label]),
             "activation_bytes": saved[label],

@@ -25,7 +25,7 @@ from hfactory.encoder import build_encoder
 from hfactory.spec.protocol import DownsampleParams
 
 PACKAGE = Path(hfactory.__file__).parent
-CORE = ["plan.py", "encoder.py", "build.py", "summary.py", "mae.py"]
+CORE = ["plan.py", "encoder.py", "builder.py", "summary.py", "mae.py", "models.py"]
 
 
 # ------------------------------------------------------------------ a component registered by a user
@@ -282,3 +282,14 @@ def test_post_norm_with_q_pool_is_refused():
     data["defaults"]["residual_norm_style"] = "pre"
     data["stages"][0]["residual_norm_style"] = "post"
     assert resolve(load_spec(data)).stages[0].residual_norm_style == "post"
+
+
+def test_layers_receive_built_modules_and_never_call_the_builder():
+    """Layers sit below the builder: nested components (a downsampler's norm, att0's cluster
+    maker, an MLP head's norm) arrive built; no layer imports the builder, plan, registry or encoder."""
+    graph = _imports()
+    above = {"hfactory.builder", "hfactory.plan", "hfactory.registry", "hfactory.encoder", "hfactory.models"}
+    layers = [m for m in graph if m.startswith("hfactory.layers.")]
+    assert len(layers) >= 10
+    reaching_up = {m: sorted(graph[m] & above) for m in layers if graph[m] & above}
+    assert not reaching_up, reaching_up

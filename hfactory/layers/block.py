@@ -3,7 +3,8 @@
 One block for every architecture, as timm ``metaformer.MetaFormerBlock`` (arXiv 2111.11418):
 the same class is a Swin block, a ViT block and (with ``dim_in``/``q_stride``) a Hiera block;
 pre-norm ``x = res_scale(x) + layer_scale(drop_path(mixer(norm1(x))))`` (same for the MLP), or
-post-norm ``x = norm1(x + layer_scale(drop_path(mixer(x))))`` (original Transformer).
+post-norm ``x = norm1(x + layer_scale(drop_path(mixer(x))))`` (original Transformer), or
+res-post-norm ``x = x + layer_scale(drop_path(norm1(mixer(x))))`` (Swin V2, arXiv 2111.09883).
 Tokens are channels-last, ``(B, H, W, C)`` or ``(B, N, C)``; merged tokens' sizes ``(B, N)``
 reach the token mixer as an argument (:mod:`hfactory.layers.token_sizes`).
 """
@@ -67,7 +68,10 @@ class Block(nn.Module):
                  drop_path: float = 0.0, dim_in: Optional[int] = None, q_stride: Optional[tuple[int, int]] = None,
                  expand: str = "proj"):
         super().__init__()
+        if residual_norm_style not in ("pre", "post", "res_post"):
+            raise ValueError(f"residual_norm_style {residual_norm_style!r}: valid are pre, post, res_post")
         self.pre_norm = residual_norm_style == "pre"
+        self.res_post_norm = residual_norm_style == "res_post"
         # Hiera's stage-transition block (timm hiera.HieraBlock): the residual is the projection
         # of the normed input (when the width changes), max-pooled like the mixer's queries;
         # with expand="max_avg" (timm use_expand_proj=False) it is the concat of the max- and
@@ -104,6 +108,9 @@ class Block(nn.Module):
         if self.pre_norm:
             x = self.res_scale1(x) + self.layer_scale1(self.drop_path1(mix(self.norm1(x))))
             x = self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.mlp(self.norm2(x))))
+        elif self.res_post_norm:  # Swin V2: the branch output is normed before the residual sum
+            x = self.res_scale1(x) + self.layer_scale1(self.drop_path1(self.norm1(mix(x))))
+            x = self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.norm2(self.mlp(x))))
         else:
             x = self.norm1(self.res_scale1(x) + self.layer_scale1(self.drop_path1(mix(x))))
             x = self.norm2(self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.mlp(x))))

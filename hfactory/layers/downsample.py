@@ -6,6 +6,8 @@ Input and output are channels-last grids; stage 0 receives the image as ``(B, H,
 
 from __future__ import annotations
 
+import copy
+
 from typing import Optional
 
 import torch
@@ -14,11 +16,15 @@ from torch import nn
 __all__ = ["ConvDownsample", "Identity", "Fused"]
 
 
-def build_norm(resolved: Optional[dict]) -> nn.Module:
-    """Build a nested norm from its resolved plan entry (``None`` -> identity)."""
-    from ..build import build_component
+def build_norm(norm: Optional[nn.Module]) -> nn.Module:
+    """A nested norm as the builder passed it (built from its plan entry; ``None`` -> identity).
+    A layer that needs two norms of the same entry gets the second with :func:`copy_norm`."""
+    return nn.Identity() if norm is None else norm
 
-    return nn.Identity() if resolved is None else build_component("norm", resolved)
+
+def copy_norm(norm: Optional[nn.Module]) -> nn.Module:
+    """A second, independent norm of the same kind and init as ``norm`` (fresh parameters)."""
+    return nn.Identity() if norm is None else copy.deepcopy(norm)
 
 
 class ConvDownsample(nn.Module):
@@ -31,7 +37,7 @@ class ConvDownsample(nn.Module):
     """
 
     def __init__(self, in_chs: int, out_chs: int, patch_size: int, stride: int, padding: int = 0,
-                 bias: bool = True, norm: Optional[dict] = None, pre_norm: bool = False):
+                 bias: bool = True, norm: Optional[nn.Module] = None, pre_norm: bool = False):
         super().__init__()
         self.pre_norm = pre_norm
         self.norm = build_norm(norm)

@@ -30,15 +30,17 @@ class MlpHead(nn.Module):
         return self.fc2(self.head_drop(self.norm(self.act(self.fc1(x)))))
 
 
-def make_classifier(num_features: int, num_classes: int, head: dict, drop_rate: float = 0.0) -> nn.Module:
-    """The classifier for the plan's ``head`` entry; ``nn.Identity`` when ``num_classes == 0``."""
+def make_classifier(num_features: int, num_classes: int, head: dict, drop_rate: float = 0.0,
+                    norm: Optional[nn.Module] = None) -> nn.Module:
+    """The classifier for the plan's ``head`` entry; ``nn.Identity`` when ``num_classes == 0``.
+    An ``mlp`` head takes its ``norm`` built (from ``head["norm"]``, by the caller's builder)."""
     if num_classes <= 0:
         return nn.Identity()
     if head["kind"] == "mlp":
-        from ..build import build_component
-
-        return MlpHead(num_features, num_classes, head["hidden_features"], head["activation"],
-                       build_component("norm", head["norm"]), head["bias"], drop_rate)
+        if norm is None:
+            raise TypeError("make_classifier: an mlp head needs its norm module (build head['norm'] first)")
+        return MlpHead(num_features, num_classes, head["hidden_features"], head["activation"], norm, head["bias"],
+                       drop_rate)
     return nn.Linear(num_features, num_classes, bias=head["bias"])
 
 
@@ -48,12 +50,13 @@ class ClassifierHead(nn.Module):
     True and ``avg`` weights each token by its size: ``pool(x, sizes)`` with sizes ``(B, H*W)``
     (:mod:`hfactory.layers.token_sizes`)."""
 
-    def __init__(self, num_features: int, num_classes: int, global_pool: str, drop_rate: float, head: dict):
+    def __init__(self, num_features: int, num_classes: int, global_pool: str, drop_rate: float, head: dict,
+                 norm: Optional[nn.Module] = None):
         super().__init__()
         self.global_pool = global_pool
         self.takes_token_sizes = bool(head.get("token_sizes"))  # the token-sizes protocol
         self.drop = nn.Dropout(drop_rate)
-        self.fc = make_classifier(num_features, num_classes, head, drop_rate)
+        self.fc = make_classifier(num_features, num_classes, head, drop_rate, norm)
 
     @property
     def needs_token_sizes(self) -> bool:

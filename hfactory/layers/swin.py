@@ -161,7 +161,7 @@ class PatchMerging(nn.Module):
     channels in timm's order (``x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2]``),
     normed over ``4C`` and projected without bias. The plan has checked that H and W are even."""
 
-    def __init__(self, in_chs: int, out_chs: int, norm: Optional[dict] = None):
+    def __init__(self, in_chs: int, out_chs: int, norm: Optional[nn.Module] = None):
         super().__init__()
         self.norm = build_norm(norm)
         self.reduction = TokenLinear(4 * in_chs, out_chs, bias=False)  # nn.Linear on oneDNN (speed)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .downsample import build_norm
+from .downsample import build_norm, copy_norm
 from .feedforward import StarReLU
 from .hvt import as_seq
 from .token_sizes import check_token_sizes, key_size_bias
@@ -37,7 +37,7 @@ class KernelPool(nn.Module):
     ``(B, H, W, C_in) -> (B, H/s, W/s, C_out)`` (the plan checked the reduction is exact)."""
 
     def __init__(self, in_chs: int, out_chs: int, method: str, kernel_size: int, stride: int, padding: int,
-                 norm: Optional[dict] = None, frozen: bool = False, count_include_pad: bool = True):
+                 norm: Optional[nn.Module] = None, frozen: bool = False, count_include_pad: bool = True):
         super().__init__()
         self.norm = build_norm(norm)
         if method == "conv":
@@ -65,7 +65,7 @@ class SpatialPool(nn.Module):
     """
 
     def __init__(self, in_chs: int, out_chs: int, in_grid: list[int], out_grid: list[int], use_mlp: bool = False,
-                 frozen: bool = False, norm: Optional[dict] = None):
+                 frozen: bool = False, norm: Optional[nn.Module] = None):
         super().__init__()
         self.in_grid, self.out_grid = tuple(in_grid), tuple(out_grid)
         n_in, n_out = math.prod(in_grid), math.prod(out_grid)
@@ -78,7 +78,7 @@ class SpatialPool(nn.Module):
             self.spatial_proj = nn.Linear(n_in, n_out, bias=False)
         if frozen:
             _freeze(self.spatial_proj)
-        self.norm2 = build_norm(norm)
+        self.norm2 = copy_norm(norm)
         self.channel_proj = nn.Linear(in_chs, out_chs, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -186,14 +186,14 @@ class GeMePool(nn.Module):
 
     emits_token_sizes = True  # the token-sizes protocol (hfactory.layers.token_sizes)
 
-    def __init__(self, in_chs: int, out_chs: int, in_tokens: int, out_tokens: int, norm: Optional[dict] = None,
+    def __init__(self, in_chs: int, out_chs: int, in_tokens: int, out_tokens: int, norm: Optional[nn.Module] = None,
                  token_sizes_in: bool = False):
         super().__init__()
         self.takes_token_sizes = token_sizes_in
         self.norm1 = build_norm(norm)
         self.to_kv = nn.Linear(in_chs, 2 * in_chs, bias=False)
         self.merge = GreedyMerging(out_tokens)
-        self.norm2 = build_norm(norm)
+        self.norm2 = copy_norm(norm)
         self.proj = nn.Linear(in_chs, out_chs, bias=False)
 
     def forward(self, x: torch.Tensor, sizes: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,7 +300,7 @@ class Att0Clusters(nn.Module):
         ValueError: the input grid is not the one the cluster count was made for.
     """
 
-    def __init__(self, dim: int, grid: list[int], num_clusters: int, init: Optional[dict] = None):
+    def __init__(self, dim: int, grid: list[int], num_clusters: int, init: Optional[nn.Module] = None):
         super().__init__()
         self.grid, self.num_clusters = tuple(grid), num_clusters
         self._no_weight_decay = ("clusters",) if init is None else ()
@@ -309,9 +309,7 @@ class Att0Clusters(nn.Module):
             nn.init.normal_(self.clusters, std=0.02)
             self.init = None
         else:
-            from ..build import build_component
-
-            self.init = build_component("downsample", init)
+            self.init = init  # built by the builder (hfactory.builder.build_component)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[1:3]) != self.grid:
@@ -345,7 +343,7 @@ class Att0Pool(nn.Module):
 
     def __init__(self, in_chs: int, out_chs: int, in_grid: list[int], out_grid: list[int], num_heads: int,
                  last_assignment: Optional[str] = None, res_scale: bool = True, grid_out: bool = False,
-                 norm: Optional[dict] = None, pair_norm: Optional[dict] = None, token_sizes_in: bool = False,
+                 norm: Optional[nn.Module] = None, pair_norm: Optional[nn.Module] = None, token_sizes_in: bool = False,
                  backend: str = "auto"):
         super().__init__()
         from .block import Scale

@@ -20,7 +20,7 @@ carry no sizes" (every stage before the first merge, and every model without one
   ``ClusterAttention`` built with ``token_sizes=True``: the log-size key bias), a merging
   downsampler built with ``token_sizes_in=True`` (an earlier merge: sizes weight the means and
   add up) and the classifier head (``ClassifierHead.pool``: size-weighted average).
-- Carriers: :class:`hfactory.build.Stage` takes and returns ``(tokens, sizes)``: it passes
+- Carriers: :class:`hfactory.builder.Stage` takes and returns ``(tokens, sizes)``: it passes
   incoming sizes to a consuming downsampler, takes new sizes from an emitting one, keeps them
   through a downsampler whose params model is ``identity`` (``none``: the tokens stay as they
   were) and drops them (``None``) after any other downsampler (new tokens). A ``Block`` forwards

@@ -24,7 +24,7 @@ from .components import Activation, ComponentField, ComponentParams
 from .mae import MAESpec
 from .overrides import apply_changes, record_step
 
-__all__ = ["StageSpec", "StageDefaults", "EncoderSpec", "HeadSpec", "Lineage", "LIBRARY_DEFAULTS",
+__all__ = ["StageSpec", "StageDefaults", "BlockOverride", "EncoderSpec", "HeadSpec", "Lineage", "LIBRARY_DEFAULTS",
            "default_downsample", "NO_NORM"]
 
 TokenMixer = Annotated[ComponentParams, ComponentField("token_mixer")]
@@ -51,12 +51,16 @@ class _StageOptions(StrictModel):
     num_heads: Optional[int] = Field(None, ge=1)
     dim_head: Optional[int] = Field(None, ge=1)
     norm: Optional[Norm] = Field(None, validation_alias=AliasChoices("norm", "normalization"))
-    residual_norm_style: Optional[Literal["pre", "post"]] = None
+    residual_norm_style: Optional[Literal["pre", "post", "res_post"]] = Field(
+        None, description="pre: x + f(norm(x)); post: norm(x + f(x)) (original Transformer); res_post: "
+        "x + norm(f(x)) (Swin V2, arXiv 2111.09883)")
     layer_scale: Optional[Union[Literal[False], float]] = Field(
         None, description="LayerScale init value (CaiT, arXiv 2103.17239); false disables")
     res_scale: Optional[bool] = Field(None, description="learned per-channel scale on the residual "
                                       "branch (ResScale, MetaFormer baselines arXiv 2210.13452)")
     pos_embed: Optional[PosEmbed] = Field(None, description="position embedding added after the downsampler")
+    out_norm: Optional[Norm] = Field(None, description="norm of the stage's output, after its blocks (PVTv2's "
+                                     "per-stage norm, arXiv 2106.13797); intermediates are taken after it")
 
     @model_validator(mode="before")
     @classmethod
@@ -83,6 +87,65 @@ class _StageOptions(StrictModel):
         return v
 
 
+class BlockOverride(StrictModel):
+    """Values for some blocks of a stage, replacing the stage's own for those blocks.
+
+    Select the blocks with exactly one of ``at`` (an index or a list of indices; negative ones
+    count from the end), ``range`` (``[start, stop)``, Python's slice rule) or ``every`` with
+    ``offset`` (blocks ``offset, offset + every, ...``). A component given here replaces the
+    stage's for those blocks (write it whole: ``{kind: window_attention, window_size: 14}``);
+    ``drop_path`` replaces the block's rate from the linear schedule. Overrides apply in order, so
+    a later one wins where two select the same block.
+
+    Examples: SAM2's global-attention blocks ``{at: [5, 7, 9], token_mixer: attention}``;
+    MaxViT's block/grid pair ``{every: 2, offset: 1, token_mixer: {kind: grid_attention}}``.
+    """
+
+    at: Optional[Union[int, list[int]]] = Field(None, description="block index or indices (negative: from the end)")
+    range: Optional[tuple[int, int]] = Field(None, description="blocks start..stop-1, as Python's range")
+    every: Optional[int] = Field(None, ge=1, description="every n-th block, from offset")
+    offset: int = Field(0, ge=0, description="first block of an every-n pattern")
+    token_mixer: Optional[TokenMixer] = None
+    feedforward: Optional[Feedforward] = None
+    norm: Optional[Norm] = None
+    drop_path: Optional[float] = Field(None, ge=0, lt=1, description="stochastic depth rate of these blocks")
+
+    @model_validator(mode="after")
+    def _one_selector(self):
+        given = [name for name in ("at", "range", "every") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise PydanticCustomError(
+                "block_selector", "select the blocks with exactly one of at (indices), range ([start, stop)) "
+                "or every (with offset); got {given}", {"given": ", ".join(given) or "none"})
+        if self.offset and self.every is None:
+            raise PydanticCustomError("block_selector", "offset goes with every (blocks offset, offset + every, ...)")
+        if all(getattr(self, f) is None for f in ("token_mixer", "feedforward", "norm", "drop_path")):
+            raise PydanticCustomError("block_override_empty", "an override sets at least one of token_mixer, "
+                                      "feedforward, norm or drop_path")
+        return self
+
+    def selects(self, depth: int, loc: str) -> list[int]:
+        """The block indices (ascending) this override selects in a stage of ``depth`` blocks.
+
+        Raises:
+            PlanError: an index outside the stage, or a selection of no block (``loc`` locates it).
+        """
+        if self.at is not None:
+            picked = []
+            for i in ([self.at] if isinstance(self.at, int) else self.at):
+                if not -depth <= i < depth:
+                    raise PlanError(f"{loc}.at", f"block {i} is outside the stage's {depth} blocks (valid: "
+                                    f"{-depth}..{depth - 1})")
+                picked.append(i % depth)
+        elif self.range is not None:
+            picked = list(range(depth))[slice(*self.range)]
+        else:
+            picked = list(range(self.offset, depth, self.every))
+        if not picked:
+            raise PlanError(loc, f"selects none of the stage's {depth} blocks; change the selection")
+        return sorted(set(picked))
+
+
 class StageDefaults(_StageOptions):
     """Model-wide values for every stage field left unset (e.g. one norm for all stages)."""
 
@@ -96,6 +159,9 @@ class StageSpec(_StageOptions):
 
     embedding: int = Field(..., ge=1, description="stage width in channels")
     seq_len: Optional[int] = Field(None, ge=1, description="tokens in the stage; checked against the plan")
+    blocks: Optional[list[BlockOverride]] = Field(
+        None, description="per-block overrides (token_mixer, feedforward, norm, drop_path) for blocks selected "
+        "by index (at), range or pattern (every/offset); later ones win")
 
 
 class HeadSpec(StrictModel):

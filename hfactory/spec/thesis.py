@@ -242,6 +242,8 @@ class Att0Params(DownsampleParams):
     norm: NormField = Field(default_factory=_ln, description="norm of tokens and clusters (C_in), and of pairs (2 C_in)")
     accepts: ClassVar[frozenset] = frozenset({"grid"})
     prepares_previous_stage: ClassVar[bool] = True
+    # entries holding components: the norms of the pool, and the clusters' downsampler (carry entry)
+    nested: ClassVar[dict] = {"norm": "norm", "pair_norm": "norm", "init": "downsample"}
     fixed_grid: ClassVar[bool] = True  # K = 2 * (H/stride) * (W/stride) clusters at the spec's img_size
 
     @property

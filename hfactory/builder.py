@@ -18,10 +18,18 @@ __all__ = ["build_component", "build_stages", "Stage", "PerUnit"]
 
 def build_component(slot: str, resolved: dict) -> nn.Module:
     """Build one component from its plan entry (``{"kind": name, **kwargs}``); an entry the plan
-    marked ``per_unit`` (a grid component in the units layout) is wrapped in :class:`PerUnit`."""
+    marked ``per_unit`` (a grid component in the units layout) is wrapped in :class:`PerUnit`.
+
+    Components nested in the entry (the keys its params model declares in ``nested``, e.g. a
+    downsampler's ``norm``) are built here first and passed to the builder as modules (``None``
+    stays ``None``), so layers never call back into the builder."""
     kwargs = dict(resolved)
     per_unit = kwargs.pop("per_unit", False)
-    module = registry.get(slot, kwargs.pop("kind")).build(**kwargs)
+    entry = registry.get(slot, kwargs.pop("kind"))
+    for key, nested_slot in entry.params.nested.items():
+        if isinstance(kwargs.get(key), dict) and "kind" in kwargs[key]:
+            kwargs[key] = build_component(nested_slot, kwargs[key])
+    module = entry.build(**kwargs)
     return PerUnit(module) if per_unit else module
 
 
@@ -45,7 +53,7 @@ class PerUnit(nn.Module):
 
 
 class Stage(nn.Module):
-    """``downsample -> pos_embed -> [grid to units [-> keep units]] -> blocks``: ``(B, H, W, C_in)``
+    """``downsample -> pos_embed -> [grid to units [-> keep units]] -> blocks [-> out_norm]``: ``(B, H, W, C_in)``
     (or units) to ``(B, H', W', C_out)`` (or units ``(B, U, uh', uw', C_out)``).
 
     ``forward(x, sizes=None, keep=None) -> (x, sizes)``: the tokens and their token sizes
@@ -68,12 +76,14 @@ class Stage(nn.Module):
         self.unit_size = plan.unit_size if plan.index == 0 and plan.layout == "units" else None
         self.blocks = nn.Sequential(*[
             Block(plan.out_chs, build_component("token_mixer", b.token_mixer),
-                  build_component("feedforward", plan.feedforward), build_component("norm", b.norm1),
-                  build_component("norm", plan.norm), plan.residual_norm_style, plan.layer_scale,
+                  build_component("feedforward", b.feedforward or plan.feedforward), build_component("norm", b.norm1),
+                  build_component("norm", b.norm2 or plan.norm), plan.residual_norm_style, plan.layer_scale,
                   plan.res_scale, rate, dim_in=b.dim_in, q_stride=b.q_stride, expand=b.expand)
             for b, rate in zip(plan.blocks, plan.drop_path)
         ])
         self.grad_checkpointing = False
+        # the stage's own output norm after its blocks (PVTv2), or None
+        self.out_norm = build_component("norm", plan.out_norm) if plan.out_norm is not None else None
         # att0's clusters, appended after the tokens for the blocks to update (plan.carry)
         self.carry = build_component("downsample", plan.carry) if plan.carry is not None else None
         # The token-sizes protocol (hfactory.layers.token_sizes), read once here from the modules'
@@ -103,12 +113,12 @@ class Stage(nn.Module):
                 # the sizes are an argument, so the recomputation in backward sees these sizes
                 args = (x, sizes) if sizes is not None and block.takes_token_sizes else (x,)
                 x = checkpoint(block, *args, use_reentrant=False)
-            return x, sizes
-        if sizes is None:
-            return self.blocks(x), None
-        for block in self.blocks:
-            x = block(x, sizes) if block.takes_token_sizes else block(x)
-        return x, sizes
+        elif sizes is None:
+            x = self.blocks(x)
+        else:
+            for block in self.blocks:
+                x = block(x, sizes) if block.takes_token_sizes else block(x)
+        return (x if self.out_norm is None else self.out_norm(x)), sizes
 
 
 def build_stages(plan: Plan) -> nn.ModuleList:
