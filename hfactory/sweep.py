@@ -9,6 +9,9 @@ the paths.
 Per-stage numbers (parameters, GMACs, activation memory; definitions in :mod:`hfactory.summary`)
 are cached by the stage's resolved plan and input shape, so a sweep that changes one stage
 measures only that stage again: 100 MetaFormer variants take seconds.
+
+:func:`bench_rows` adds a rough CPU speed per variant and :func:`plot_sweep` draws the variants
+(parameters against GMACs, the Pareto front of :func:`pareto_front`) with matplotlib.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from .spec.io import dump_spec, load_yaml
 from .spec.model import EncoderSpec
 from .spec.variants import _yaml_reason, scale
 
-__all__ = ["expand_grid", "sweep", "parse_grid", "format_sweep", "RULE_KEYS"]
+__all__ = ["expand_grid", "sweep", "parse_grid", "format_sweep", "RULE_KEYS", "pareto_front", "bench_rows",
+           "plot_sweep", "PLOT_FORMATS"]
 
 RULE_KEYS = {"depth_scale": "depth_multiplier", "embedding_scale": "width_multiplier",
              "pooling_stages": "pooling_stages"}
@@ -207,12 +211,16 @@ def _stage_input_after(plan: Plan, batch: int) -> torch.Tensor:
 
 
 def format_sweep(rows: list[dict]) -> str:
-    """The rows as a text table."""
+    """The rows as a text table (with an images/s column when :func:`bench_rows` timed them)."""
     from .summary import _bytes
 
     cols = ["name", "params", "GMACs", "activations", "tokens per stage"]
     body = [[r["name"], f"{r['params'] / 1e6:.2f}M", f"{r['gmacs']:.3f}" if r["gmacs"] is not None else "-",
              _bytes(r["activation_bytes"]), "/".join(map(str, r["tokens"]))] for r in rows]
+    if rows and all("images_per_s" in r for r in rows):  # bench_rows measured them
+        cols.append("images/s")
+        for b, r in zip(body, rows):
+            b.append(f"{r['images_per_s']:.1f}")
     widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(cols)]
     fmt = "  ".join(f"{{:<{n}}}" for n in widths)
     return "\n".join([fmt.format(*cols), *(fmt.format(*b) for b in body)])
@@ -230,3 +238,131 @@ def write_variants(rows: list[dict], out: Path) -> list[Path]:
             tmp.write_text(dump_spec(r["spec"]), encoding="utf-8")
         paths.append(path)
     return paths
+
+
+#: Suffixes :func:`plot_sweep` writes.
+PLOT_FORMATS = (".svg", ".png", ".pdf")
+
+
+def pareto_front(points, minimize=(True, True)) -> list[int]:
+    """Indices (ascending) of the points no other point dominates. Point ``a`` dominates ``b``
+    when it is at least as good on every coordinate and strictly better on one; "good" is
+    smaller where ``minimize[k]`` is True, larger where False. Equal points do not dominate
+    each other, so duplicates on the front are all kept.
+
+    Args:
+        points: a sequence of equal-length coordinate tuples (e.g. ``(params, gmacs)``).
+        minimize: per coordinate, whether smaller is better.
+
+    Raises:
+        UsageError: a point whose length differs from ``minimize``'s.
+    """
+    sign = [1 if m else -1 for m in minimize]
+    keyed = []
+    for i, p in enumerate(points):
+        if len(p) != len(sign):
+            raise UsageError(f"pareto_front: point {i} has {len(p)} coordinates; minimize has {len(sign)}")
+        keyed.append(tuple(s * v for s, v in zip(sign, p)))
+
+    def dominates(a, b) -> bool:
+        return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+
+    return [i for i, p in enumerate(keyed) if not any(dominates(q, p) for q in keyed)]
+
+
+def bench_rows(rows: list[dict], repeats: int = 3) -> list[dict]:
+    """Add ``images_per_s`` to each sweep row: the variant built on the CPU (random weights, eval
+    mode, no grad) runs one warm-up forward and ``repeats`` timed forwards of one image at its
+    ``img_size``; the speed is 1 / the fastest time (the least disturbed by other work on the
+    machine). A rough, unpaired figure for comparing the variants of one sweep on one machine
+    (paired benchmarks: ``hfactory bench``).
+
+    Raises:
+        UsageError: ``repeats`` < 1.
+    """
+    import time
+
+    from .encoder import build_encoder
+
+    if repeats < 1:
+        raise UsageError(f"repeats {repeats}: give at least 1")
+    out = []
+    for r in rows:
+        model = build_encoder(r["spec"]).eval()
+        plan = resolve(r["spec"])
+        x = torch.randn(1, plan.in_chans, *plan.img_size)
+        times = []
+        with torch.inference_mode():
+            model(x)
+            for _ in range(repeats):
+                t = time.perf_counter()
+                model(x)
+                times.append(time.perf_counter() - t)
+        out.append({**r, "images_per_s": 1.0 / min(times)})
+        del model
+    return out
+
+
+def plot_sweep(rows: list[dict], path) -> Path:
+    """Plot the sweep's variants and write the figure to ``path`` (suffix .svg, .png or .pdf).
+
+    x: parameters (millions); y: GMACs per image. Points on the Pareto front of (params, GMACs),
+    both minimised, are circled and joined. When the rows carry ``images_per_s`` (from
+    :func:`bench_rows`) the points are coloured by it (colour bar in images/s) and a second
+    panel shows params (x) against images/s (y) with the front of fewest params and most
+    images/s. Each point is labelled with its variant's grid part of the name.
+
+    Raises:
+        UsageError: ``path`` with another suffix than :data:`PLOT_FORMATS`; no rows; matplotlib
+            not installed.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in PLOT_FORMATS:
+        raise UsageError(f"--plot {str(path)!r}: the suffix {path.suffix or '(none)'!r} is not a plot format; use "
+                         f"one of {', '.join(PLOT_FORMATS)}")
+    if not rows:
+        raise UsageError("plot_sweep: no variants to plot")
+    from .diagram import use_matplotlib
+
+    matplotlib = use_matplotlib()
+    from matplotlib.figure import Figure
+
+    speed = all(r.get("images_per_s") is not None for r in rows)
+    params = [r["params"] / 1e6 for r in rows]
+    gmacs = [r["gmacs"] for r in rows]
+    names = [_short_name(r["name"]) for r in rows]
+    fig = Figure(figsize=(12 if speed else 7, 5), layout="constrained")
+    axes = fig.subplots(1, 2) if speed else [fig.subplots(1, 1)]
+
+    def panel(ax, ys, ylabel, minimize_y, colours):
+        front = pareto_front(list(zip(params, ys)), (True, minimize_y))
+        kw = {"c": colours, "cmap": "viridis"} if colours is not None else {"color": "tab:blue"}
+        sc = ax.scatter(params, ys, s=30, zorder=3, **kw)
+        order = sorted(front, key=lambda i: params[i])
+        ax.plot([params[i] for i in order], [ys[i] for i in order], "--", color="tab:red", lw=1, zorder=2,
+                label="Pareto front")
+        ax.scatter([params[i] for i in front], [ys[i] for i in front], s=120, facecolors="none",
+                   edgecolors="tab:red", zorder=4)
+        for x, y, n in zip(params, ys, names):
+            ax.annotate(n, (x, y), xytext=(3, 3), textcoords="offset points", fontsize=7)
+        ax.set_xlabel("parameters (millions)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+        return sc
+
+    speeds = [r["images_per_s"] for r in rows] if speed else None
+    sc = panel(axes[0], gmacs, "GMACs per image", True, speeds)
+    if speed:
+        fig.colorbar(sc, ax=axes[0], label="images/s (CPU, batch 1)")
+        panel(axes[1], speeds, "images/s (CPU, batch 1)", False, None)
+    fig.suptitle(f"sweep of {len(rows)} variants")
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
+        fig.savefig(path)
+    return path
+
+
+def _short_name(name: str) -> str:
+    """A variant's name without the base spec's name (the grid values only)."""
+    head, sep, tail = name.partition("-")
+    return tail if sep else name

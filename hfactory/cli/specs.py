@@ -36,12 +36,17 @@ def add_commands(sub) -> None:
         description="Every combination of the --grid values is a variant (keys: spec paths, '*' for every "
         "stage, or depth_scale / embedding_scale / pooling_stages for the scaling rule's fields). Prints one row per "
         "variant: parameters, GMACs, activation memory (as `summary`) and tokens per stage; --out DIR "
-        "writes each variant's YAML, with its lineage.")
+        "writes each variant's YAML, with its lineage; --plot FILE draws parameters against GMACs with the Pareto "
+        "front (and, with --bench, CPU images/s of one image).")
     add_spec_argument(p)
     p.add_argument("--grid", action="append", metavar="PATH=V1,V2", help="values of one key (repeatable)")
     p.add_argument("--batch", type=int, default=1, help="images for the activation-memory estimate (default: 1)")
     p.add_argument("--out", help="directory for the variants' YAML files")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--plot", metavar="FILE", help="plot parameters (millions) against GMACs with the Pareto front "
+                   "to FILE (.svg, .png or .pdf)")
+    p.add_argument("--bench", action="store_true", help="also time each variant: one image on the CPU, random "
+                   "weights (images/s; colours the --plot points and adds a params-vs-speed panel)")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("presets", help="list the preset names, one per line")
@@ -66,13 +71,18 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    """One row per variant of the --grid combinations (params, GMACs, activations, tokens).
+    """One row per variant of the --grid combinations (params, GMACs, activations, tokens; with
+    ``--bench`` images/s, see :func:`hfactory.sweep.bench_rows`); ``--plot FILE`` draws params
+    against GMACs with the Pareto front (:func:`hfactory.sweep.plot_sweep`).
 
     Raises:
-        UsageError: no ``--grid``, or one key given twice (see also :func:`hfactory.sweep.sweep`).
+        UsageError: no ``--grid``, or one key given twice; a ``--plot`` file not ending in .svg,
+            .png or .pdf (checked before measuring; see also :func:`hfactory.sweep.sweep`).
     """
-    from ..sweep import format_sweep, parse_grid, sweep, write_variants
+    from ..sweep import PLOT_FORMATS, bench_rows, format_sweep, parse_grid, plot_sweep, sweep, write_variants
 
+    if args.plot and Path(args.plot).suffix.lower() not in PLOT_FORMATS:  # before any measuring
+        raise UsageError(f"--plot {args.plot!r}: use a file ending in one of {', '.join(PLOT_FORMATS)}")
     if not args.grid:
         raise UsageError("give at least one --grid PATH=V1,V2,... (e.g. --grid stages.2.depth=6,9,12)")
     grid: dict = {}
@@ -82,6 +92,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             raise UsageError(f"--grid {path} is given twice; put all its values in one --grid {path}=V1,V2,...")
         grid[path] = values
     rows = sweep(load_spec_arg(args.spec), grid, batch=args.batch)
+    if args.bench:
+        rows = bench_rows(rows)
     if args.json:
         print(json.dumps([{k: v for k, v in r.items() if k != "spec"} for r in rows], indent=2))
     else:
@@ -89,6 +101,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.out:
         paths = write_variants(rows, Path(args.out))
         print(f"wrote {len(paths)} variant specs to {args.out}", file=sys.stderr)
+    if args.plot:
+        print(f"wrote {plot_sweep(rows, args.plot)}", file=sys.stderr)
     return 0
 
 

@@ -15,7 +15,10 @@ from torch import nn
 from ..errors import UsageError
 from . import hiera as _hiera  # noqa: F401  (each import registers a family)
 from . import metaformer as _metaformer  # noqa: F401
+from . import pvt as _pvt  # noqa: F401
+from .sam2 import from_sam2_state_dict  # noqa: F401  (registers the SAM2 HieraDet family)
 from . import swin as _swin  # noqa: F401
+from . import swinv2 as _swinv2  # noqa: F401
 from .core import FAMILIES, convert_state_dict, mismatch_report
 from .hiera import from_hiera_mae_state_dict, from_package_keys
 

@@ -224,7 +224,8 @@ def spec_from_timm_hiera(timm_model: nn.Module) -> dict:
 register_family(Family(
     name="hiera",
     detect=lambda sd: "patch_embed.proj.weight" in sd and any(k.startswith("blocks.0.attn.qkv") for k in sd)
-    and ("pos_embed" in sd or "pos_embed_abs" in sd) and not any("relative_position" in k for k in sd),
+    and ("pos_embed" in sd or "pos_embed_abs" in sd) and not any("relative_position" in k for k in sd)
+    and "pos_embed_window" not in sd,  # SAM2's HieraDet (hfactory.convert.sam2)
     map=map_hiera,
     spec_from_timm=spec_from_timm_hiera,
     timm_class="Hiera",
