@@ -117,12 +117,14 @@ class HierarchicalEncoder(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> None:
+        if torch.fx._symbolic_trace.is_fx_symbolic_tracing():  # shapes are proxies: no checks
+            return
         if x.ndim != 4 or x.shape[1] != self.spec.in_chans:
             raise UsageError(f"expected images (B, {self.spec.in_chans}, H, W), got {tuple(x.shape)}")
         hw = tuple(x.shape[2:])
         # The plan check is Python (pydantic) that torch.compile cannot trace; compiled graphs
         # are specialised per input size anyway, and eager calls still check.
-        if hw != self.plan.img_size and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and hw != self.plan.img_size:
             resolve(self.spec, hw)  # raises PlanError naming what does not fit this size
 
     def _final_norm_map(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,12 +134,13 @@ class HierarchicalEncoder(nn.Module):
     def _as_grid(self, x: torch.Tensor, i: int, image_hw: tuple[int, int]) -> torch.Tensor:
         """Stage ``i``'s tokens as a ``(B, H, W, C)`` grid (units are put back in place; a ``seq``
         stage's ``(B, N, C)`` becomes the ``(B, N, 1, C)`` grid its plan records)."""
-        if x.ndim == 4:
-            return x
         carry = getattr(self.stages[i], "carry", None) if i < len(self.stages) else None
         if carry is not None:  # att0's clusters ride after the grid's tokens: drop them
             return carry.strip(x)
-        if x.ndim == 3:
+        layout = self.plan.stages[i].layout
+        if layout == "grid":
+            return x
+        if layout == "seq":
             return x.unsqueeze(2)
         # Per axis: a q_stride like (2, 1) reduces height and width differently.
         (gh, gw), (ih, iw) = self.plan.stages[i].out_grid, self.plan.img_size
@@ -202,7 +205,7 @@ class HierarchicalEncoder(nn.Module):
         self._check_input(x)
         if mask is not None:
             self._check_mask(mask, x)
-        image_hw = tuple(x.shape[2:])
+        image_hw = x.shape[2:]
         x, sizes = x.permute(0, 2, 3, 1), None
         for i in range(len(self.stages)):
             x, sizes = self._stage(i, x, sizes, mask)
@@ -241,7 +244,8 @@ class HierarchicalEncoder(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False,
                      token_sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Final NCHW map -> logits ``(B, num_classes)`` (or pooled ``(B, num_features)`` with
-        ``pre_logits=True``).
+        ``pre_logits=True``); with ``global_pool=''`` the map keeps its grid: ``(B, num_classes, H, W)``
+        (or ``(B, num_features, H, W)``).
 
         After a merging downsampler (``plan.head["token_sizes"]``) the average pool weights each
         token by its size: ``token_sizes`` ``(B, H*W)``, or when None the sizes recorded by the
@@ -260,6 +264,10 @@ class HierarchicalEncoder(nn.Module):
             token_sizes = check_token_sizes(sizes, x.shape[0], x.shape[2] * x.shape[3],
                                             f"forward_head's size-weighted average pool ({where})")
         x = self.head.pool(x, token_sizes)
+        if self.head.global_pool == "":  # no pooling: norm and classifier act per position of the map
+            x = x.permute(0, 2, 3, 1)
+            x = self.head.drop(x if self.spec.head_norm_first else self._final_norm_map(x))
+            return (x if pre_logits else self.head.fc(x)).permute(0, 3, 1, 2)
         if not self.spec.head_norm_first:
             x = self.norm(x)
         x = self.head.drop(x)
@@ -369,10 +377,12 @@ class HierarchicalEncoder(nn.Module):
         return take
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None,
-                         device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None) -> None:
+                         device: Optional[Union[str, torch.device]] = None,
+                         dtype: Optional[torch.dtype] = None) -> None:
         """New classifier ``head.fc`` for ``num_classes`` (0: ``nn.Identity``, ``forward`` then gives
-        pooled features ``(B, num_features)``); optionally a new ``global_pool`` (``'avg'`` or
-        ``'max'``; None keeps the current one). ``spec`` and ``plan`` follow.
+        pooled features ``(B, num_features)``); optionally a new ``global_pool`` (``'avg'``, ``'max'``,
+        or ``''`` for none: ``forward`` then returns the normed ``(B, C, H, W)`` map, classified per
+        position into ``(B, num_classes, H, W)`` when ``num_classes > 0``; None keeps the current one). ``spec`` and ``plan`` follow.
 
         The classifier is created on ``device`` with ``dtype``, by default those of the model's
         first parameter (timm's ``get_device_dtype`` rule, so a model on ``meta`` or in float64 gets
@@ -483,20 +493,32 @@ def build_encoder(spec: SpecSource, **overrides) -> HierarchicalEncoder:
     return HierarchicalEncoder(spec)
 
 
-def from_pretrained(directory: Union[str, os.PathLike], map_location: str = "cpu") -> HierarchicalEncoder:
-    """Rebuild an encoder from ``save_pretrained``'s directory and load its weights.
+def from_pretrained(directory: Union[str, os.PathLike], map_location: str = "cpu", *, revision: Optional[str] = None,
+                    cache_dir: Optional[Union[str, os.PathLike]] = None) -> HierarchicalEncoder:
+    """Rebuild an encoder from ``save_pretrained``'s directory, or from a Hugging Face Hub model
+    repository ``"hf-hub:org/name[@revision]"`` holding the same files (written by
+    :func:`hfactory.pretrained.push_to_hub`), and load its weights.
+
+    A Hub repository is read through ``huggingface_hub``'s download and cache
+    (:func:`hfactory.hub.download_model_dir`): ``cache_dir`` (default ``HF_HUB_CACHE``), and with
+    ``HF_HUB_OFFLINE=1`` the cache alone. ``revision`` pins a branch, tag or commit.
 
     ``map_location`` is where the weights are read to; the model's parameters stay on the CPU
     (move it with ``.to(device)``).
 
     Raises:
-        FileNotFoundError: ``spec.yaml`` or ``model.safetensors`` is missing.
+        FileNotFoundError: ``spec.yaml`` or ``model.safetensors`` is missing (locally, on the Hub, or
+            in the cache when offline).
         pydantic.ValidationError / PlanError: ``spec.yaml`` is not a valid spec.
         ValueError: the weights were saved for another spec (their ``spec_hash`` metadata differs
             from ``spec.yaml``'s hash: the spec was edited after saving, or the files come from two
             saves), or they do not fit the spec; the message names the missing, unexpected and
             shape-mismatched keys.
     """
+    from .hub import download_model_dir, is_hub_source
+
+    if is_hub_source(directory):
+        directory = download_model_dir(directory, revision=revision, cache_dir=cache_dir)
+    elif revision is not None:
+        raise UsageError(f"revision={revision!r} applies to hf-hub: sources, not to the directory {directory}")
     return load_model_dir(directory, build_encoder, map_location, "a save_pretrained() directory")
-
-

@@ -207,6 +207,8 @@ def _stage_input_after(plan: Plan, batch: int) -> torch.Tensor:
     if last.layout == "units" and last.unit_size:
         (h, w), (uh, uw) = last.out_grid, last.unit_size
         return torch.empty(batch, (h // uh) * (w // uw), uh, uw, last.out_chs, device="meta")
+    if last.layout == "seq":  # (B, N, C) tokens; the plan records their grid as (N, 1)
+        return torch.empty(batch, last.out_grid[0] * last.out_grid[1], last.out_chs, device="meta")
     return torch.empty(batch, *last.out_grid, last.out_chs, device="meta")
 
 

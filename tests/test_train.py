@@ -295,3 +295,37 @@ def test_bf16_autocast_training_runs(tiny_spec, tmp_path):
     weights = load_file(str(out / "checkpoint" / "model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert weights["stages.0.blocks.0.token_mixer.act1.scale"].dtype == torch.float32
+
+
+def test_layer_decay_run_resumes_exactly_and_refuses_switching_it_off(tiny_spec, tmp_path, capsys):
+    """Layer-wise LR decay (--layer-decay): the optimizer's per-layer groups and their lr scales
+    survive the checkpoint, so a run stopped and resumed equals one that never stopped (compared at
+    step 6 through the checkpoints); a resume that would change the groups (layer decay switched
+    off) is refused with the fix."""
+    from hfactory.train import checkpoint as ckpt
+
+    args = ["--epochs", "1", "--layer-decay", "0.5", *FAST]
+    assert main(["train", str(tiny_spec), "--out", str(tmp_path / "full"), "--stop-at-step", "6", *args]) == 0
+    split = tmp_path / "split"
+    assert main(["train", str(tiny_spec), "--out", str(split), "--stop-at-step", "3", *args]) == 0
+    groups = torch.load(find_checkpoint(split) / "state.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert sorted({g["lr_scale"] for g in groups}) == [0.5 ** 3, 0.5 ** 2, 0.5, 1.0]  # stem, 2 blocks, head
+    for g in groups:
+        assert g["initial_lr"] == pytest.approx(5e-3 * g["lr_scale"])
+
+    # As if the run had started without layer decay: its checkpoint's groups do not fit; refused.
+    recorded = (split / ckpt.RUN_FILE).read_text()
+    run = json.loads(recorded)
+    run["config"]["layer_decay"] = None
+    (split / ckpt.RUN_FILE).write_text(json.dumps(run))
+    capsys.readouterr()
+    assert main(["train", str(tiny_spec), "--out", str(split), "--resume", "--stop-at-step", "6", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "parameter groups" in err and "--layer-decay" in err, err
+    (split / ckpt.RUN_FILE).write_text(recorded)
+
+    assert main(["train", str(tiny_spec), "--out", str(split), "--resume", "--stop-at-step", "6", "--no-progress"]) == 0
+    full = load_file(str(find_checkpoint(tmp_path / "full") / "model.safetensors"))
+    resumed = load_file(str(find_checkpoint(split) / "model.safetensors"))
+    for name in full:
+        torch.testing.assert_close(resumed[name], full[name], rtol=0, atol=1e-6, msg=name)

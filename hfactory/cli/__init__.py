@@ -28,7 +28,7 @@ import traceback
 from pydantic import ValidationError
 
 from ..errors import USER_ERRORS, QuietAbort
-from . import bench, diagram, pretrain, specs, train
+from . import bench, diagram, export, pretrain, specs, train
 from .args import ANY_KIND_COMMANDS, load_spec_arg
 
 __all__ = ["main", "build_parser", "USER_ERRORS"]
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hfactory", description="Declarative hierarchical vision transformers. SPEC is a YAML path or a "
         "preset name (see `hfactory presets`).")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (specs, diagram, bench, train, pretrain):  # the order of `hfactory --help`
+    for module in (specs, diagram, bench, train, pretrain, export):  # the order of `hfactory --help`
         module.add_commands(sub)
     return parser
 

@@ -28,6 +28,8 @@ TRAIN_OPTIONS = [
     ("--weight-decay", "weight_decay", float, "AdamW weight decay (not on biases, norms, position embeddings)"),
     ("--warmup-epochs", "warmup_epochs", float, "linear warmup length in epochs"),
     ("--label-smoothing", "label_smoothing", float, "label smoothing of the training loss"),
+    ("--layer-decay", "layer_decay", float, "layer-wise learning-rate decay for fine-tuning, e.g. 0.75 (MAE / "
+     "Hiera recipes): layer i of L blocks (stem 0, head L+1) trains at lr * decay^(L+1-i) (default: off)"),
     ("--clip-grad", "clip_grad", float, "clip the gradient norm to this value (default: no clipping)"),
     ("--seed", "seed", int, "seed of initialisation, data order and augmentation"),
     ("--shift", "shift", float, "random translation of digits training images, as a fraction of the side"),
@@ -55,6 +57,12 @@ def add_commands(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--init-from", metavar="RUN_DIR", help="start from pretrained encoder weights (an hfactory "
                    "pretrain run directory, or a save_pretrained directory); the classifier keeps its init")
+    p.add_argument("--pretrained", nargs="?", const=True, default=None, metavar="SOURCE",
+                   help="fine-tune: start from pretrained weights. Alone: the preset's timm weights (downloaded "
+                   "into the Hugging Face cache; HF_HUB_OFFLINE=1 uses the cache only). SOURCE: a weights file or "
+                   "directory (timm format, an official Hiera checkpoint, an hfactory save), hf-hub:ORG/NAME or "
+                   "timm:MODEL[.TAG]. The classifier follows the data's classes (a new one when they differ) and "
+                   "ImageFolder preprocessing follows the weights' config")
     add_run_options(p, TRAIN_OPTIONS, defaults)
     p.set_defaults(func=cmd_train)
 
@@ -98,19 +106,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_ranges(args, [("batch_size", args.batch_size >= 1, ">= 1"), ("workers", args.workers >= 0, ">= 0"),
                         ("threads", args.threads is None or args.threads >= 1, ">= 1")])
     model_dir = checked_model_dir(Path(args.model))
-    data_arg = args.data or ((read_run(Path(args.model)) or {}).get("config", {}).get("data")) or "digits"
+    run_config = (read_run(Path(args.model)) or {}).get("config", {})
+    data_arg = args.data or run_config.get("data") or "digits"
     require_extras(data_arg, progress=False)
 
     import torch
 
     from ..models import load_model
-    from ..train.classify import evaluate
+    from ..train.classify import evaluate, pretrained_preprocessing
     from ..train.data import load_data
 
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(model_dir).to(device)  # an encoder or an SFT, as its spec.yaml says
-    data = load_data(data_arg, model.spec.img_hw, model.spec.in_chans)
+    # a run fine-tuned from pretrained weights is evaluated with the preprocessing it trained with
+    preprocess = pretrained_preprocessing(model.spec, run_config.get("pretrained"))
+    data = load_data(data_arg, model.spec.img_hw, model.spec.in_chans, preprocess)
     if data.num_classes != model.num_classes:
         raise UsageError(f"the data {data.name} has {data.num_classes} classes but the model predicts "
                          f"{model.num_classes}")

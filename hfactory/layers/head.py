@@ -64,9 +64,11 @@ class ClassifierHead(nn.Module):
         return self.takes_token_sizes and self.global_pool == "avg"
 
     def pool(self, x: torch.Tensor, sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``(B, C, H, W)`` -> ``(B, C)``; ``sizes`` ``(B, H*W)`` are read only by the size-weighted
+        """``(B, C, H, W)`` -> ``(B, C)`` (``global_pool=''``: the map unchanged); ``sizes`` ``(B, H*W)`` are read only by the size-weighted
         ``avg`` pool (:attr:`needs_token_sizes`), which raises a ``UsageError`` when they are
         missing or do not fit ``x``."""
         if self.needs_token_sizes:
             return size_weighted_mean(x, sizes, "the size-weighted average pool")
+        if self.global_pool == "":
+            return x
         return x.amax(dim=(2, 3)) if self.global_pool == "max" else x.mean(dim=(2, 3))

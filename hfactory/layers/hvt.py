@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 __all__ = ["MaxPool1d", "LearnedPosEmbed1d", "as_seq"]
 
@@ -29,7 +30,9 @@ class MaxPool1d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = as_seq(x).transpose(1, 2)
-        return F.max_pool1d(x, self.kernel_size, self.stride, self.padding).transpose(1, 2)
+        # max_pool2d over a (B, C, 1, N) view: F.max_pool1d pins N under torch.export
+        x = F.max_pool2d(x.unsqueeze(2), (1, self.kernel_size), (1, self.stride), (0, self.padding))
+        return x.squeeze(2).transpose(1, 2)
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
@@ -50,7 +53,7 @@ class LearnedPosEmbed1d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         seq = as_seq(x)
         pos = self.pos_embed
-        if pos.shape[1] != seq.shape[1]:
+        if not statically_known_true(pos.shape[1] == seq.shape[1]):
             pos = F.interpolate(pos.transpose(1, 2).float(), size=seq.shape[1], mode="linear",
                                 align_corners=False).transpose(1, 2).to(pos.dtype)
         return (seq + pos).reshape(x.shape)

@@ -81,7 +81,8 @@ class TokenLinear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.dim() >= 3 and x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and x.numel() > _ONEDNN_MIN
+        if (x.dim() >= 3 and x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES
+                and not torch.compiler.is_exporting() and x.numel() > _ONEDNN_MIN
                 and x.shape[-1] == self.in_features and torch.backends.mkldnn.enabled):
             y = F.conv2d(x.reshape(1, 1, -1, self.in_features).permute(0, 3, 1, 2),
                          self.weight[:, :, None, None], self.bias, dilation=2)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 __all__ = ["LearnedPosEmbed", "Identity", "resize_pos_embed"]
 
@@ -15,7 +16,7 @@ __all__ = ["LearnedPosEmbed", "Identity", "resize_pos_embed"]
 def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """Bicubic resize of a ``(1, H, W, C)`` embedding to ``(1, grid[0], grid[1], C)``
     (``align_corners=False``, ``antialias=True``: timm ``resample_abs_pos_embed``'s defaults)."""
-    if tuple(pos_embed.shape[1:3]) == tuple(grid):
+    if all(statically_known_true(a == b) for a, b in zip(pos_embed.shape[1:3], grid)):
         return pos_embed
     resized = F.interpolate(pos_embed.permute(0, 3, 1, 2).float(), size=tuple(grid), mode="bicubic",
                             align_corners=False, antialias=True)

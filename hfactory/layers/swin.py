@@ -13,16 +13,48 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..spec.swin import padded_grid, window_and_shift
 from .attention import attention
 from .downsample import build_norm
 from .layout import TokenLinear
 
-__all__ = ["WindowAttention", "PatchMerging", "relative_position_index", "window_mask", "SHIFT_MASK_VALUE"]
+__all__ = ["WindowAttention", "PatchMerging", "relative_position_index", "window_mask", "SHIFT_MASK_VALUE",
+           "same_grid", "pad_grid", "crop_grid", "merge_windows"]
 
 #: timm's additive mask between tokens of one shifted window that come from different regions.
 SHIFT_MASK_VALUE = -100.0
+
+
+def same_grid(a, b) -> bool:
+    """Whether grids ``a`` and ``b`` are provably equal. Under ``torch.export`` a symbolic size is
+    not equal to a number unless the tracer can prove it, so a dynamic size takes the general
+    path (pad, crop) instead of pinning the size with a guard."""
+    return all(statically_known_true(x == y) for x, y in zip(a, b))
+
+
+def pad_grid(x: torch.Tensor, padded) -> torch.Tensor:
+    """``(B, H, W, C)`` zero-padded at the end of H and W to ``padded``."""
+    h, w = x.shape[1:3]
+    return x if same_grid((h, w), padded) else F.pad(x, (0, 0, 0, padded[1] - w, 0, padded[0] - h))
+
+
+def crop_grid(x: torch.Tensor, grid) -> torch.Tensor:
+    """``(B, Hp, Wp, C)`` cropped to ``grid`` (a negative pad: a new contiguous tensor, which the
+    ONNX exporter handles where a slice view of a windowed tensor failed)."""
+    hp, wp = x.shape[1:3]
+    return x if same_grid((hp, wp), grid) else F.pad(x, (0, 0, 0, grid[1] - wp, 0, grid[0] - hp))
+
+
+def merge_windows(o: torch.Tensor, b: int, n_windows: tuple, window: tuple, heads: int, d: int) -> torch.Tensor:
+    """Attention output of ``B * nh * nw`` windows (``(B*nW, heads, N, d)`` or
+    ``(B, nW*heads, N, d)``, windows row-major) back to the ``(B, nh*wh, nw*ww, heads*d)`` grid.
+    The copy before ``view`` keeps the ONNX exporter from re-tracing the reshape of a permuted
+    tensor as a view, which fails at dynamic sizes."""
+    (nh, nw), (wh, ww) = n_windows, window
+    o = o.reshape(b, nh, nw, heads, wh, ww, d).permute(0, 1, 4, 2, 5, 3, 6)
+    return o.clone(memory_format=torch.contiguous_format).view(b, nh * wh, nw * ww, heads * d)
 
 
 def relative_position_index(window: tuple[int, int], table_window: Optional[tuple[int, int]] = None,
@@ -57,7 +89,7 @@ def window_mask(grid: tuple[int, int], padded: tuple[int, int], window: tuple[in
     ``-inf``. Every window holds a real token of each query's region (padding < window), so no row
     is fully masked.
     """
-    if not any(shift) and tuple(padded) == tuple(grid):
+    if not any(shift) and same_grid(padded, grid):
         return None
 
     def axis(n: int, n_pad: int, w: int, s: int):
@@ -120,7 +152,7 @@ class WindowAttention(nn.Module):
 
     def _geometry(self, grid: tuple[int, int], device):
         """(window, shift, padded grid, mask, relative index) for an input grid."""
-        if grid == self.grid:
+        if same_grid(grid, self.grid):
             return self.window_size, self.shift_size, self.padded_grid, self.attn_mask, self.relative_position_index
         window, shift = window_and_shift(grid, self.window_size, self.shifted)
         padded = padded_grid(grid, window)
@@ -130,8 +162,7 @@ class WindowAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
         (wh, ww), (sh, sw), (hp, wp), mask, index = self._geometry((h, w), x.device)
-        if (hp, wp) != (h, w):
-            x = F.pad(x, (0, 0, 0, wp - w, 0, hp - h))
+        x = pad_grid(x, (hp, wp))
         if sh or sw:
             x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
         nh, nw, n, heads, d = hp // wh, wp // ww, wh * ww, self.num_heads, self.dim_head
@@ -147,12 +178,10 @@ class WindowAttention(nn.Module):
             bias = (bias.unsqueeze(0) + mask.unsqueeze(1).to(bias.dtype)).reshape(1, nh * nw * heads, n, n)
         o = attention(q, k, v, bias.to(q.dtype), dropout_p=self.attn_drop if self.training else 0.0,
                       backend=self.backend)
-        o = o.reshape(b, nh, nw, heads, wh, ww, d).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, hp, wp, heads * d)
+        o = merge_windows(o, b, (nh, nw), (wh, ww), heads, d)
         if sh or sw:
             o = torch.roll(o, shifts=(sh, sw), dims=(1, 2))
-        if (hp, wp) != (h, w):
-            o = o[:, :h, :w]
-        return self.proj_drop(self.proj(o))
+        return self.proj_drop(self.proj(crop_grid(o, (h, w))))
 
 
 class PatchMerging(nn.Module):

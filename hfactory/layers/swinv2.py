@@ -21,7 +21,7 @@ from ..spec.swin import padded_grid, window_and_shift
 from .attention import attention
 from .downsample import build_norm
 from .layout import TokenLinear
-from .swin import relative_position_index, window_mask
+from .swin import crop_grid, merge_windows, pad_grid, relative_position_index, same_grid, window_mask
 
 __all__ = ["WindowAttentionV2", "PatchMergingV2", "log_relative_coords"]
 
@@ -92,7 +92,7 @@ class WindowAttentionV2(nn.Module):
 
     def _geometry(self, grid: tuple[int, int], device):
         """(window, shift, padded grid, mask, coords, relative index) for an input grid."""
-        if grid == self.grid:
+        if same_grid(grid, self.grid):
             return (self.window_size, self.shift_size, self.padded_grid, self.attn_mask,
                     self.relative_coords_table, self.relative_position_index)
         window, shift = window_and_shift(grid, self.window_size, self.shifted)
@@ -106,8 +106,7 @@ class WindowAttentionV2(nn.Module):
         (wh, ww), (sh, sw), (hp, wp), mask, coords, index = self._geometry((h, w), x.device)
         if sh or sw:
             x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
-        if (hp, wp) != (h, w):
-            x = F.pad(x, (0, 0, 0, wp - w, 0, hp - h))
+        x = pad_grid(x, (hp, wp))
         nh, nw, n, heads, d = hp // wh, wp // ww, wh * ww, self.num_heads, self.dim_head
         x = x.reshape(b, nh, wh, nw, ww, c).transpose(2, 3).reshape(b, nh * nw, n, c)
         bias = None
@@ -129,9 +128,7 @@ class WindowAttentionV2(nn.Module):
             rel = (rel.unsqueeze(0) + mask.unsqueeze(1).to(rel.dtype)).reshape(1, nh * nw * heads, n, n)
         o = attention(q, k, v, rel.to(q.dtype), scale=1.0, dropout_p=self.attn_drop if self.training else 0.0,
                       backend=self.backend)
-        o = o.reshape(b, nh, nw, heads, wh, ww, d).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, hp, wp, heads * d)
-        if (hp, wp) != (h, w):
-            o = o[:, :h, :w]
+        o = crop_grid(merge_windows(o, b, (nh, nw), (wh, ww), heads, d), (h, w))
         if sh or sw:
             o = torch.roll(o, shifts=(sh, sw), dims=(1, 2))
         return self.proj_drop(self.proj(o))

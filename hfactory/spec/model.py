@@ -243,7 +243,9 @@ class EncoderSpec(StrictModel):
     defaults: StageDefaults = Field(default_factory=StageDefaults)
     drop_path_rate: float = Field(0.0, ge=0, lt=1, description="stochastic depth, linear over all blocks")
     num_classes: int = Field(1000, ge=0, description="0 gives pooled features from forward()")
-    global_pool: Literal["avg", "max"] = "avg"
+    global_pool: Literal["avg", "max", ""] = Field(
+        "avg", description="'' = no pooling: forward_head keeps the normed (B, C, H, W) map and a classifier "
+        "acts per position, giving (B, num_classes, H, W) (timm's convention)")
     drop_rate: float = Field(0.0, ge=0, lt=1, description="dropout before the classifier")
     head_norm: Norm = Field(default_factory=lambda: {"kind": "layernorm"},
                             description="final norm; identity for none")

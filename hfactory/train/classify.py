@@ -24,7 +24,7 @@ from .data import DataBundle
 from .distributed import DistContext, GlobalBatchSampler, agree, log_main, shard_positions
 from .loop import Share, Task, fit
 
-__all__ = ["train", "evaluate", "ClassificationTask"]
+__all__ = ["train", "evaluate", "ClassificationTask", "pretrained_preprocessing"]
 
 
 def train(spec, out: str | os.PathLike, config: Optional[TrainConfig] = None,
@@ -45,6 +45,14 @@ def train(spec, out: str | os.PathLike, config: Optional[TrainConfig] = None,
     encoder weights (:func:`.pretrained.load_pretrained_encoder`); a resumed run continues from
     its checkpoint instead.
 
+    ``config.pretrained`` (fine-tuning: True for the preset's timm weights, or a source of
+    :mod:`hfactory.pretrained`) starts a new run from those weights: when the data's class count
+    differs from ``spec.num_classes``, the spec becomes ``spec.with_changes({"num_classes": n})``
+    (the spec ``--set num_classes=n`` gives, so the run resumes with either) and a message says so;
+    the weights' classifier is then not loaded (it keeps its new initialisation), everything else
+    is; ImageFolder preprocessing follows the weights' pretrained config (mean, std, crop_pct,
+    interpolation). Without it a class-count mismatch is refused, naming ``--set num_classes=n``.
+
     Returns:
         the final metrics (``test_accuracy``, ``test_loss``, ``params``, ``epochs``, ``steps``,
         ``elapsed_s``, ...); with ``stopped: True`` when ``config.stop_at_step`` ended it early.
@@ -52,13 +60,56 @@ def train(spec, out: str | os.PathLike, config: Optional[TrainConfig] = None,
     Raises:
         UsageError (a ValueError): bad options, ``out`` holds another run (see
             :func:`.checkpoint.check_out_dir`), the data's class count differs from
-            ``spec.num_classes``, an unusable checkpoint, ``init_from`` weights that do not fit.
-        FileNotFoundError: the data directory or ``init_from`` is missing.
+            ``spec.num_classes`` (without ``pretrained``), an unusable checkpoint, ``init_from`` or
+            ``pretrained`` weights that do not fit (keys and shapes named), both given.
+        FileNotFoundError: the data directory, ``init_from`` or ``pretrained`` is missing (or not
+            in the download cache when it cannot be downloaded).
         NonFiniteLossError: the loss became NaN/inf; the last good checkpoint is kept.
     """
     config = config or TrainConfig()
     config.validate()
     return fit(ClassificationTask(spec, config, init_from), out, config, resume)
+
+
+def _preset_weights(spec) -> Optional[str]:
+    """The timm weights of the preset ``spec`` is (by name), for ``--pretrained`` without a path."""
+    from ..presets import list_models, timm_weights
+
+    name = getattr(spec, "name", None) or ""
+    return timm_weights(name) if name in list_models() else None
+
+
+def pretrained_preprocessing(spec, pretrained) -> Optional[dict]:
+    """The ImageFolder preprocessing of a run of ``spec`` started with ``--pretrained``
+    (``config.pretrained``; None/False: hfactory's defaults, returned as None), for ``hfactory eval``
+    to read images as the run did."""
+    if pretrained in (None, False):
+        return None
+    return _pretrained_source(spec, pretrained)[1]
+
+
+def _pretrained_source(spec, pretrained) -> tuple[str, Optional[dict]]:
+    """``(weight source, ImageFolder preprocessing)`` of ``--pretrained`` for ``spec``.
+
+    Raises:
+        UsageError: ``--pretrained`` without a path for a spec that is no preset with weights.
+    """
+    from ..presets import presets_with_weights
+    from ..pretrained import TIMM_PREFIX, timm_preprocessing
+
+    weights = _preset_weights(spec)
+    if pretrained is True:
+        if weights is None:
+            raise UsageError(f"--pretrained without a path loads a preset's timm weights, and "
+                             f"{getattr(spec, 'name', None) or 'this spec'!r} is no preset with weights (those are: "
+                             f"{', '.join(presets_with_weights())}); give --pretrained PATH (a weights file or "
+                             "directory), hf-hub:ORG/NAME or timm:MODEL[.TAG]")
+        source = TIMM_PREFIX + weights
+    else:
+        source = str(pretrained)
+    if source.startswith(TIMM_PREFIX):
+        return source, timm_preprocessing(source[len(TIMM_PREFIX):])
+    return source, timm_preprocessing(weights) if weights is not None else None
 
 
 class ClassificationTask(Task):
@@ -72,16 +123,40 @@ class ClassificationTask(Task):
     def __init__(self, spec, config: TrainConfig, init_from: Optional[str | os.PathLike] = None):
         self.spec, self.config, self.init_from = spec, config, init_from
         self.run_fields = {}  # run.json of a training run has no "task" (it predates pretraining)
+        self.source, self.messages = None, []
+        if config.pretrained not in (None, False):
+            if init_from is not None:
+                raise UsageError("--pretrained and --init-from both give initial weights; use one")
+            self.source, self.preprocess = _pretrained_source(spec, config.pretrained)
+            self._follow_data_classes()
+
+    def _follow_data_classes(self) -> None:
+        """Fine-tuning: the classifier takes the data's class count (before the run directory is
+        checked, so a resumed run finds the same spec)."""
+        from .data import count_classes
+
+        n = count_classes(self.config.data)
+        if n != self.spec.num_classes:
+            old = self.spec.num_classes
+            self.spec = (self.spec.with_changes({"num_classes": n}) if hasattr(self.spec, "with_changes")
+                         else type(self.spec).model_validate({**self.spec.model_dump(mode="json"), "num_classes": n}))
+            self.messages.append(f"the data {self.config.data} has {n} classes: num_classes {old} -> {n}; the "
+                                 f"classifier is new (randomly initialised), the rest starts from {self.source}")
 
     def check_data(self, data: DataBundle) -> None:
         if data.num_classes != self.spec.num_classes:
+            fix = (f"add --set num_classes={data.num_classes}" if hasattr(self.spec, "with_changes") else
+                   f"set num_classes: {data.num_classes} in the spec's YAML")
             raise UsageError(f"the data {data.name} has {data.num_classes} classes but the spec's num_classes is "
-                             f"{self.spec.num_classes}; set num_classes: {data.num_classes} in the spec")
+                             f"{self.spec.num_classes}; {fix} (or, fine-tuning with --pretrained, the classifier "
+                             "follows the data)")
 
     def build(self) -> nn.Module:
         return build_model(self.spec)  # an encoder, or an SFT for an SFT spec
 
     def start(self, model: nn.Module, data: DataBundle, ctx: DistContext) -> None:
+        for message in self.messages:
+            log_main(ctx, message)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=self.config.label_smoothing)
         self.max_shift = round(self.config.shift * min(self.spec.img_hw)) if data.in_memory else 0
         # The background value the shift pads with: the training set's minimum (for digits every
@@ -89,6 +164,13 @@ class ClassificationTask(Task):
         self.fill = float(data.train.tensors[0].min()) if data.in_memory else None
 
     def init_weights(self, model: nn.Module, ctx: DistContext) -> None:
+        if self.source is not None:  # fine-tuning from pretrained weights (a new classifier if the classes differ)
+            from ..pretrained import load_weights
+
+            loaded = agree(ctx, lambda: load_weights(model, self.source, log=False))
+            log_main(ctx, f"initialised {loaded['loaded']} tensors from {loaded['source']} ({loaded['format']})"
+                     + (f"; {loaded['classifier']}" if loaded["classifier"] else ""))
+            return
         if self.init_from is None:
             return
         from .pretrained import load_pretrained_encoder  # fine-tuning: pretrained encoder, new classifier

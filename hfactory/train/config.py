@@ -7,7 +7,7 @@ Torch-free on purpose: the command line builds its parser (flags, defaults, help
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 from ..errors import UsageError
 
@@ -27,9 +27,18 @@ class TrainConfig:
     when available, else the CPU. ``batch_size`` is the global batch: under torchrun each of N
     processes takes about ``batch_size / N`` images of every step. ``fsdp`` shards the model
     with FSDP2 instead of replicating it with DDP (torchrun only).
+
+    Fine-tuning: ``pretrained`` starts a new run from pretrained weights (True: the preset's timm
+    weights; a string: a weights file or directory, ``hf-hub:org/name`` or ``timm:model[.tag]``; see
+    :mod:`hfactory.pretrained`); the classifier then follows the data's class count, and
+    ImageFolder preprocessing follows the weights' pretrained config. ``layer_decay`` scales each
+    layer's learning rate by ``layer_decay ** (num_layers + 1 - layer_id)`` (BEiT / MAE / Hiera
+    fine-tuning, arXiv 2111.06377, 2306.00989; see :func:`hfactory.train.loop.param_groups`).
     """
 
     data: str = "digits"  # or an ImageFolder directory with train/ and val/
+    pretrained: Optional[Union[bool, str]] = None
+    layer_decay: Optional[float] = None
     epochs: int = 15
     batch_size: int = 32
     lr: float = 2e-3
@@ -57,6 +66,7 @@ class TrainConfig:
             ("lr", self.lr > 0, "> 0"), ("weight_decay", self.weight_decay >= 0, ">= 0"),
             ("warmup_epochs", self.warmup_epochs >= 0, ">= 0"),
             ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
+            ("layer_decay", self.layer_decay is None or 0 < self.layer_decay <= 1, "in (0, 1] (or unset)"),
             ("clip_grad", self.clip_grad is None or self.clip_grad > 0, "> 0 (or unset)"),
             ("shift", 0 <= self.shift < 1, "in [0, 1)"), ("eval_batch_size", self.eval_batch_size >= 1, ">= 1"),
             ("workers", self.workers >= 0, ">= 0"), ("threads", self.threads is None or self.threads >= 1, ">= 1"),

@@ -10,6 +10,10 @@ Any other ``--data`` value is a directory in torchvision ``ImageFolder`` layout:
 
     DIR/train/<class>/*.jpg
     DIR/val/<class>/*.jpg
+
+ImageFolder preprocessing follows a ``preprocess`` dict when one is given (the pretrained config of
+the weights a run starts from: ``mean``, ``std``, ``crop_pct``, ``crop_mode``, ``interpolation``,
+timm's field names), else hfactory's defaults (:data:`DEFAULT_PREPROCESS`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +30,8 @@ from torch.utils.data import Dataset, TensorDataset
 
 from ..errors import UsageError
 
-__all__ = ["DIGITS_SPLIT", "DataBundle", "load_data", "load_digits", "load_image_folder"]
+__all__ = ["DIGITS_SPLIT", "DEFAULT_PREPROCESS", "DataBundle", "load_data", "load_digits", "load_image_folder",
+           "count_classes", "image_transform"]
 
 #: The fixed digits split: ``train_test_split(..., test_size=0.2, random_state=0, stratify=y)``.
 DIGITS_SPLIT = {"test_size": 0.2, "random_state": 0, "stratify": True}
@@ -33,6 +39,12 @@ DIGITS_SPLIT = {"test_size": 0.2, "random_state": 0, "stratify": True}
 #: ImageNet channel statistics (torchvision / timm), used for ImageFolder data.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: ImageFolder preprocessing without a pretrained config: ImageNet statistics, timm's default
+#: eval crop (0.875), bilinear resizing (torchvision's default).
+DEFAULT_PREPROCESS = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "crop_pct": 0.875, "crop_mode": "center",
+                      "interpolation": "bilinear"}
+_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 
 
 @dataclass
@@ -49,15 +61,38 @@ class DataBundle:
     in_memory: bool
 
 
-def load_data(data: str, img_size: tuple[int, int], in_chans: int) -> DataBundle:
-    """``'digits'`` -> :func:`load_digits`; anything else is an ImageFolder root directory.
+def load_data(data: str, img_size: tuple[int, int], in_chans: int, preprocess: Optional[dict] = None) -> DataBundle:
+    """``'digits'`` -> :func:`load_digits`; anything else is an ImageFolder root directory, read
+    with ``preprocess`` (see :func:`image_transform`; digits keep their own normalisation).
 
     Raises:
         FileNotFoundError / UsageError: see :func:`load_image_folder`.
     """
     if data == "digits":
         return load_digits(img_size, in_chans)
-    return load_image_folder(data, img_size, in_chans)
+    return load_image_folder(data, img_size, in_chans, preprocess)
+
+
+def count_classes(data: str) -> int:
+    """The number of classes of ``data`` without reading an image: 10 for digits, else the class
+    folders of ``DIR/train`` (torchvision's ``find_classes``).
+
+    Raises:
+        FileNotFoundError: ``DIR/train`` does not exist.
+        UsageError: it has no class folders.
+    """
+    if data == "digits":
+        return 10
+    from torchvision.datasets.folder import find_classes
+
+    path = Path(data) / "train"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} not found; --data DIR needs {data}/train/<class>/*.jpg and "
+                                f"{data}/val/<class>/*.jpg (ImageFolder layout)")
+    try:
+        return len(find_classes(str(path))[0])
+    except FileNotFoundError as err:
+        raise UsageError(f"{path}: no usable images ({err})") from None
 
 
 def load_digits(img_size: tuple[int, int], in_chans: int = 1) -> DataBundle:
@@ -99,21 +134,46 @@ class _RepeatChannels:
         return x.repeat(self.n, 1, 1)
 
 
-def _transforms(img_size: tuple[int, int], in_chans: int, train: bool):
+def image_transform(img_size: tuple[int, int], in_chans: int, train: bool, preprocess: Optional[dict] = None):
+    """The torchvision transform of ImageFolder images (PIL) -> ``(in_chans, H, W)`` float tensors.
+
+    ``preprocess`` (timm's pretrained-config fields; missing ones from :data:`DEFAULT_PREPROCESS`):
+    ``mean`` / ``std`` normalise (their average for grayscale ``in_chans != 3``, where images are
+    converted to grayscale and repeated); ``interpolation`` resizes. Train: RandomResizedCrop to
+    ``img_size`` + horizontal flip. Eval, as timm's ``transforms_factory.transforms_imagenet_eval``
+    (timm 1.0.31): ``crop_mode='center'`` resizes the short side to ``floor(size / crop_pct)``
+    keeping the aspect ratio, ``'squash'`` both sides to ``floor(H / crop_pct), floor(W / crop_pct)``,
+    then a center crop to ``img_size``. (A non-square ``img_size`` in ``center`` mode is resized
+    on both sides, as ``squash``; timm keeps the aspect ratio there.)
+
+    Raises:
+        UsageError: an unknown ``interpolation`` or ``crop_mode``, or ``crop_pct`` not in (0, 1].
+    """
     from torchvision import transforms as T
 
+    cfg = {**DEFAULT_PREPROCESS, **{k: v for k, v in (preprocess or {}).items() if v is not None}}
+    if cfg["interpolation"] not in _INTERPOLATIONS:
+        raise UsageError(f"interpolation {cfg['interpolation']!r}: valid are {', '.join(_INTERPOLATIONS)}")
+    if cfg["crop_mode"] not in ("center", "squash"):
+        raise UsageError(f"crop_mode {cfg['crop_mode']!r}: hfactory supports 'center' and 'squash'")
+    if not 0 < float(cfg["crop_pct"]) <= 1:
+        raise UsageError(f"crop_pct {cfg['crop_pct']} must be in (0, 1]")
+    interpolation = T.InterpolationMode(cfg["interpolation"])
+    mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
     if in_chans == 3:
-        colour, mean, std = [T.Lambda(_to_rgb)], IMAGENET_MEAN, IMAGENET_STD
-    else:  # grayscale, replicated; the luminance of ImageNet's statistics
+        colour = [T.Lambda(_to_rgb)]
+    else:  # grayscale, replicated; the luminance of the statistics
         colour = [T.Grayscale(1)]
-        mean, std = (sum(IMAGENET_MEAN) / 3,) * in_chans, (sum(IMAGENET_STD) / 3,) * in_chans
+        mean, std = (sum(mean) / len(mean),) * in_chans, (sum(std) / len(std),) * in_chans
     if train:
-        geometry = [T.RandomResizedCrop(img_size, antialias=True), T.RandomHorizontalFlip()]
-    else:  # timm's eval crop (crop_pct 0.875): resize, then center-crop
+        geometry = [T.RandomResizedCrop(img_size, interpolation=interpolation, antialias=True),
+                    T.RandomHorizontalFlip()]
+    else:
         h, w = img_size
-        # square: the short side to size/0.875, keeping the aspect ratio; otherwise both sides
-        resize = math.floor(h / 0.875) if h == w else (math.floor(h / 0.875), math.floor(w / 0.875))
-        geometry = [T.Resize(resize, antialias=True), T.CenterCrop(img_size)]
+        crop_pct = float(cfg["crop_pct"])
+        scaled = (math.floor(h / crop_pct), math.floor(w / crop_pct))
+        resize = scaled[0] if h == w and cfg["crop_mode"] == "center" else scaled
+        geometry = [T.Resize(resize, interpolation=interpolation, antialias=True), T.CenterCrop(img_size)]
     post = [_RepeatChannels(in_chans)] if in_chans not in (1, 3) else []
     return T.Compose(colour + geometry + [T.ToTensor()] + post + [T.Normalize(mean, std)])
 
@@ -122,11 +182,12 @@ def _to_rgb(img):
     return img.convert("RGB")
 
 
-def load_image_folder(root: str | os.PathLike, img_size: tuple[int, int], in_chans: int = 3) -> DataBundle:
-    """``root/train`` and ``root/val`` as torchvision ``ImageFolder`` datasets.
-
-    Train: RandomResizedCrop to ``img_size`` + horizontal flip; val: resize to ``img_size/0.875``
-    + center crop. Both normalised with ImageNet mean/std (their average for grayscale
+def load_image_folder(root: str | os.PathLike, img_size: tuple[int, int], in_chans: int = 3,
+                      preprocess: Optional[dict] = None) -> DataBundle:
+    """``root/train`` and ``root/val`` as torchvision ``ImageFolder`` datasets, transformed by
+    :func:`image_transform` with ``preprocess``: by default (no pretrained config) train
+    RandomResizedCrop to ``img_size`` + horizontal flip, val resize to ``img_size/0.875`` (bilinear)
+    + center crop; both normalised with ImageNet mean/std (their average for grayscale
     ``in_chans != 3``, where images are converted to grayscale and repeated).
 
     Raises:
@@ -147,7 +208,7 @@ def load_image_folder(root: str | os.PathLike, img_size: tuple[int, int], in_cha
             raise FileNotFoundError(f"{path} not found; --data DIR needs {root}/train/<class>/*.jpg and "
                                     f"{root}/val/<class>/*.jpg (ImageFolder layout)")
         try:
-            ds = ImageFolder(str(path), transform=_transforms(img_size, in_chans, split == "train"),
+            ds = ImageFolder(str(path), transform=image_transform(img_size, in_chans, split == "train", preprocess),
                              loader=_load_image)
         except (FileNotFoundError, OSError) as err:  # no class folders, or folders without images
             raise UsageError(f"{path}: no usable images ({err})") from None

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -63,16 +64,96 @@ class WarmupCosine:
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+#: timm's MATCH_PREV_GROUP: a group_matcher ordinal ending in it joins the group before it.
+_MATCH_PREV_GROUP = 99999
+
+
+def layer_ids(model: nn.Module) -> dict[str, int]:
+    """Layer id of every parameter for layer-wise LR decay, from ``model.group_matcher(coarse=False)``
+    read as timm reads it (timm 1.0.31 ``models/_manipulate.group_with_matcher``): each name takes
+    the ordinal ``(group index, *captured numbers, *suffix)`` of the first regex that matches it,
+    unmatched names (the classifier) take the largest; distinct ordinals sorted are layers 0, 1, ...,
+    and an ordinal ending in 99999 joins the layer before it.
+
+    For a :class:`~hfactory.encoder.HierarchicalEncoder`: the stem (stage 0's downsampler and
+    position embedding) is layer 0; block ``k`` in block order (stage by stage) is layer ``k + 1``,
+    a later stage's downsampler sharing the layer of that stage's first block (as in timm's Hiera,
+    whose q-pooling projection is part of the stage's first block); the final norm shares the last
+    block's layer; the classifier head is the last layer, ``num_blocks + 1``.
+
+    Raises:
+        UsageError: the model has no ``group_matcher``.
+    """
+    if not hasattr(model, "group_matcher"):
+        raise UsageError(f"layer-wise learning-rate decay needs a model with group_matcher(); "
+                         f"{type(model).__name__} has none")
+    compiled = []
+    for index, rules in enumerate(model.group_matcher(coarse=False).values()):
+        if rules is None:
+            continue
+        for rule, suffix in (rules if isinstance(rules, (list, tuple)) else [(rules, None)]):
+            compiled.append((re.compile(rule), index, tuple(suffix or ())))
+
+    def ordinal(name: str) -> tuple:
+        for rule, index, suffix in compiled:
+            m = rule.match(name)
+            if m:
+                return (float(index), *(float(g) for g in m.groups() if g is not None), *map(float, suffix))
+        return (math.inf,)
+
+    ordinals = {name: ordinal(name) for name, _ in model.named_parameters()}
+    layer, ids = -1, {}
+    for key in sorted(set(ordinals.values())):
+        if layer < 0 or key[-1] != _MATCH_PREV_GROUP:
+            layer += 1
+        ids[key] = layer
+    return {name: ids[key] for name, key in ordinals.items()}
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: Optional[float] = None,
+                 lr: Optional[float] = None) -> list[dict]:
     """AdamW groups by timm's rule: decay only parameters with ``ndim >= 2`` (weights of linear
     and conv layers) that are not in ``model.no_weight_decay()``; biases, norm and scale vectors
-    and position embeddings are not decayed."""
+    and position embeddings are not decayed. Frozen parameters (``requires_grad=False``) are left out.
+
+    Without ``layer_decay``: two groups, ``[decayed, not decayed]``.
+
+    With ``layer_decay`` (layer-wise learning-rate decay for fine-tuning; BEiT, MAE's
+    ``util/lr_decay.py``, Hiera's fine-tuning recipe: arXiv 2106.08254, 2111.06377, 2306.00989; timm
+    ``optim/_param_groups.param_groups_layer_decay``): one group per (layer, decayed or not), in
+    layer order, each with ``lr_scale = layer_decay ** (num_layers + 1 - layer_id)`` where the layer
+    ids are :func:`layer_ids` (stem 0, blocks 1..num_layers, head num_layers + 1, so the head
+    keeps the full rate and the stem gets ``layer_decay ** (num_layers + 1)``; as in timm, the
+    last layer keeps the full rate also when it is not a classifier, for ``num_classes=0``), ``layer_id``,
+    ``decays`` and, when ``lr`` is given, ``lr = lr * lr_scale`` (the rate a scheduler built
+    afterwards scales).
+
+    Raises:
+        UsageError: ``layer_decay`` not in (0, 1], or a model without ``group_matcher``.
+    """
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
+    if layer_decay is None:
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or name in skip else decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if not 0 < layer_decay <= 1:
+        raise UsageError(f"layer_decay {layer_decay} must be in (0, 1]")
+    ids = layer_ids(model)
+    last = max(ids.values())  # the head: num_layers + 1
+    groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or name in skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if not p.requires_grad:
+            continue
+        decays = not (p.ndim < 2 or name in skip)
+        key = (ids[name], decays)
+        if key not in groups:
+            scale = layer_decay ** (last - ids[name])
+            groups[key] = {"params": [], "weight_decay": weight_decay if decays else 0.0, "lr_scale": scale,
+                           "layer_id": ids[name], "decays": decays, **({"lr": lr * scale} if lr is not None else {})}
+        groups[key]["params"].append(p)
+    return [groups[key] for key in sorted(groups, key=lambda k: (k[0], not k[1]))]
 
 
 class Share(NamedTuple):
@@ -102,6 +183,9 @@ class Task:
         run_fields: extra ``run.json`` fields (e.g. ``{"task": "mae_pretrain"}``).
         metric_keys: keys of :meth:`evaluate`'s result that go into ``metrics.jsonl`` (after
             ``train_loss``) and the epoch line; ``test_loss`` must be one (a non-finite one stops).
+        preprocess: ImageFolder preprocessing (``mean``, ``std``, ``crop_pct``, ``crop_mode``,
+            ``interpolation``; :func:`.data.image_transform`), e.g. the pretrained config of the
+            weights a fine-tuning run starts from; None: the defaults.
     """
 
     spec: Any
@@ -111,6 +195,7 @@ class Task:
     betas: tuple[float, float] = (0.9, 0.999)
     run_fields: dict = {}
     metric_keys: tuple[str, ...] = ("test_loss",)
+    preprocess: Optional[dict] = None
 
     def check_out(self, out: Path) -> None:
         """Refuse ``out`` for task-specific reasons before :func:`.checkpoint.check_out_dir` runs
@@ -183,7 +268,7 @@ def _fit(task: Task, out: Path, config, resume: bool, ctx: DistContext, device: 
     def prepare():  # every check before anything is written, in every process
         task.check_out(out)
         resuming = ckpt.check_out_dir(out, spec, resume)
-        data = load_data(config.data, spec.img_hw, spec.in_chans)
+        data = load_data(config.data, spec.img_hw, spec.in_chans, task.preprocess)
         task.check_data(data)
         return resuming, data
 
@@ -203,7 +288,8 @@ def _fit(task: Task, out: Path, config, resume: bool, ctx: DistContext, device: 
     if state is None:
         task.init_weights(model, ctx)
     wrapped = D.wrap_model(model, ctx, device, config.fsdp)  # FSDP shards `model` itself
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=task.betas)
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay, getattr(config, "layer_decay", None),
+                                               lr=config.lr), lr=config.lr, betas=task.betas)
     scheduler, schedule = _schedule(optimizer, config, len(data.train))
     gen = torch.Generator().manual_seed(config.seed + task.rng_offset)
     if ctx.rank > 0:  # own stochastic-depth / dropout masks per process (weights are already identical)
@@ -263,7 +349,7 @@ def _fit(task: Task, out: Path, config, resume: bool, ctx: DistContext, device: 
         epoch += 1
         elapsed = time.perf_counter() - run_start
         last = {"epoch": epoch, "step": step, "train_loss": partial["loss_sum"] / max(1, partial["images"]),
-                **{k: metrics[k] for k in task.metric_keys}, "lr": scheduler.get_last_lr()[0],
+                **{k: metrics[k] for k in task.metric_keys}, "lr": max(scheduler.get_last_lr()),
                 "images_per_s": partial["images"] / max(partial["train_s"], 1e-9), "elapsed_s": elapsed}
         if ctx.is_main:
             with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
@@ -333,17 +419,28 @@ def _schedule(optimizer, config, n_train: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), schedule
 
 
-def _apply_config(optimizer, scheduler, schedule: WarmupCosine, config) -> None:
-    """After loading a checkpoint, make this invocation's lr, weight decay and schedule govern the
-    remaining steps (the loaded states carry the old ones). With an unchanged config this sets
-    the very values that were loaded, so an exact resume stays exact."""
-    scheduler.lr_lambdas = [schedule] * len(optimizer.param_groups)
-    scheduler.base_lrs = [config.lr] * len(optimizer.param_groups)
-    for group, decays in zip(optimizer.param_groups, (True, False)):  # the order of param_groups()
-        group["initial_lr"] = config.lr
+def _apply_config(optimizer, scheduler, schedule: WarmupCosine, config, fresh: Optional[list[dict]] = None) -> None:
+    """After loading a checkpoint, make this invocation's lr, weight decay, layer-wise lr scales
+    (``fresh``: each group's ``lr_scale`` / ``decays`` as :func:`param_groups` made them) and
+    schedule govern the remaining steps (the loaded states carry the old ones). With an unchanged
+    config this sets the very values that were loaded, so an exact resume stays exact."""
+    groups = optimizer.param_groups
+    for i, group in enumerate(groups):
+        if fresh is not None:
+            group.update(fresh[i])
+        scale = group.get("lr_scale", 1.0)
+        decays = group.get("decays", i == 0)  # without layer decay: [decayed, not decayed] (param_groups)
+        group["initial_lr"] = config.lr * scale
         group["weight_decay"] = config.weight_decay if decays else 0.0
-        group["lr"] = config.lr * schedule(scheduler.last_epoch)
-    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
+        group["lr"] = group["initial_lr"] * schedule(scheduler.last_epoch)
+    scheduler.lr_lambdas = [schedule] * len(groups)
+    scheduler.base_lrs = [group["initial_lr"] for group in groups]
+    scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports
+
+
+def _recorded(out: Path, key: str):
+    """A field of the run's recorded config (``run.json``), or None."""
+    return ((ckpt.read_run(out) or {}).get("config") or {}).get(key)
 
 
 def _restore_rng(state: dict, ctx: DistContext, seed: int) -> None:
@@ -375,9 +472,15 @@ def _restore(state: Optional[dict], resuming: bool, out: Path, model: nn.Module,
     if state is not None:
         # This config's schedule, copied first: load_state_dict overwrites `schedule`'s numbers with the run's.
         fresh = WarmupCosine(schedule.warmup, schedule.total)
+        saved_groups, groups = len(state["optimizer"].get("param_groups", ())), len(optimizer.param_groups)
+        if saved_groups != groups:
+            raise UsageError(f"the checkpoint's optimizer has {saved_groups} parameter groups but this configuration "
+                             f"makes {groups}: --layer-decay was switched on or off since the run started; resume "
+                             f"with the run's setting (layer_decay {_recorded(out, 'layer_decay')})")
+        scales = [{k: g[k] for k in ("lr_scale", "decays", "layer_id") if k in g} for g in optimizer.param_groups]
         D.load_optimizer_state(model, optimizer, state["optimizer"], config.fsdp)
         scheduler.load_state_dict(state["scheduler"])
-        _apply_config(optimizer, scheduler, fresh, config)
+        _apply_config(optimizer, scheduler, fresh, config, scales)
         _restore_rng(state, ctx, config.seed)
         gen.set_state(state[rng_key])
         epoch, step, step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
@@ -435,7 +538,7 @@ def _optimizer_step(loss: torch.Tensor, n_global: int, model: nn.Module, optimiz
     partial["train_s"] += now - tick
     if bar is not None:
         bar.update(n_global)
-        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}", refresh=False)
+        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{max(scheduler.get_last_lr()):.1e}", refresh=False)
     return now
 
 
