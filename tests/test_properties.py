@@ -414,6 +414,8 @@ def check_validation_locs(err: ValidationError, data: dict) -> None:
                 pass
             elif last and isinstance(cur, dict) and part in fields:  # a required field left out
                 pass
+            elif last and isinstance(cur, str) and part in fields:  # ... of a component written as its name
+                pass
             elif last and isinstance(cur, list) and isinstance(part, int) and part >= len(cur):  # a missing item
                 pass
             else:

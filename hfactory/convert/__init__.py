@@ -14,7 +14,9 @@ from torch import nn
 
 from ..errors import UsageError
 from . import hiera as _hiera  # noqa: F401  (each import registers a family)
+from . import maxvit as _maxvit  # noqa: F401
 from . import metaformer as _metaformer  # noqa: F401
+from . import mvit as _mvit  # noqa: F401
 from . import pvt as _pvt  # noqa: F401
 from .sam2 import from_sam2_state_dict  # noqa: F401  (registers the SAM2 HieraDet family)
 from . import swin as _swin  # noqa: F401

@@ -14,11 +14,24 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .layout import TokenLinear, pool_hw
 
 __all__ = ["Block", "DropPath", "Scale"]
+
+
+def _overlap_max_pool(x: torch.Tensor, stride: tuple[int, int]) -> torch.Tensor:
+    """Max-pool a channels-last grid ``(B, H, W, C) -> (B, H/sh, W/sw, C)`` with an overlapping
+    kernel ``s + 1`` (``1`` where ``s == 1``), stride ``s`` and padding ``kernel // 2`` per axis
+    (MViTv2's ``shortcut_pool_attn``, arXiv 2112.01526); the plan keeps ``s`` even or 1, where
+    this leaves exactly ``H/sh x W/sw`` tokens."""
+    if tuple(stride) == (1, 1):
+        return x
+    kernel = tuple(s + 1 if s > 1 else 1 for s in stride)
+    y = F.max_pool2d(x.permute(0, 3, 1, 2), kernel, tuple(stride), tuple(k // 2 for k in kernel))
+    return y.permute(0, 2, 3, 1)
 
 
 class DropPath(nn.Module):
@@ -75,8 +88,11 @@ class Block(nn.Module):
         # Hiera's stage-transition block (timm hiera.HieraBlock): the residual is the projection
         # of the normed input (when the width changes), max-pooled like the mixer's queries;
         # with expand="max_avg" (timm use_expand_proj=False) it is the concat of the max- and
-        # avg-pooled raw input instead (dim = 2 * dim_in, no weights).
+        # avg-pooled raw input instead (dim = 2 * dim_in, no weights); with expand="proj_overlap"
+        # (MViTv2, timm mvitv2.MultiScaleBlock) it is pooled as with "proj" but by an overlapping
+        # max-pool (kernel s + 1, stride s, padding (s + 1) // 2; see _overlap_max_pool).
         self.q_stride = tuple(q_stride) if q_stride else None
+        self.overlap = expand == "proj_overlap"
         widen = dim_in is not None and dim_in != dim
         self.max_avg = widen and expand == "max_avg"
         # TokenLinear: an nn.Linear that runs on oneDNN on the CPU (speed, see its docstring).
@@ -87,10 +103,14 @@ class Block(nn.Module):
         self.drop_path1 = DropPath(drop_path)
         self.layer_scale1 = Scale(dim, layer_scale) if layer_scale is not None else nn.Identity()
         self.res_scale1 = Scale(dim) if res_scale else nn.Identity()
-        self.norm2, self.mlp = norm2, mlp
+        # A feedforward that declares itself a zero branch (``zero_branch = True``, e.g. the
+        # ``none`` feedforward of conv-only blocks such as MaxViT's MBConv) removes the whole
+        # second sublayer: no norm2, layer/res scale or drop path whose weights nothing would train.
+        self.has_ffn = not getattr(mlp, "zero_branch", False)
+        self.norm2, self.mlp = (norm2, mlp) if self.has_ffn else (nn.Identity(), nn.Identity())
         self.drop_path2 = DropPath(drop_path)
-        self.layer_scale2 = Scale(dim, layer_scale) if layer_scale is not None else nn.Identity()
-        self.res_scale2 = Scale(dim) if res_scale else nn.Identity()
+        self.layer_scale2 = Scale(dim, layer_scale) if layer_scale is not None and self.has_ffn else nn.Identity()
+        self.res_scale2 = Scale(dim) if res_scale and self.has_ffn else nn.Identity()
 
     def forward(self, x: torch.Tensor, sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
         # Merged tokens' sizes go to the mixer (the stage passes them only to a block whose mixer
@@ -102,16 +122,26 @@ class Block(nn.Module):
             if self.max_avg:
                 shortcut = torch.cat([pool_hw(x, stride), pool_hw(x, stride, "avg")], dim=-1)
             else:
-                shortcut = pool_hw(x if self.proj is None else self.proj(x_norm), stride)
+                base = x if self.proj is None else self.proj(x_norm)
+                shortcut = _overlap_max_pool(base, stride) if self.overlap else pool_hw(base, stride)
             x = self.res_scale1(shortcut) + self.layer_scale1(self.drop_path1(mix(x_norm)))
-            return self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.mlp(self.norm2(x))))
+            return self._feedforward(x, "pre")
         if self.pre_norm:
             x = self.res_scale1(x) + self.layer_scale1(self.drop_path1(mix(self.norm1(x))))
-            x = self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.mlp(self.norm2(x))))
-        elif self.res_post_norm:  # Swin V2: the branch output is normed before the residual sum
+            return self._feedforward(x, "pre")
+        if self.res_post_norm:  # Swin V2: the branch output is normed before the residual sum
             x = self.res_scale1(x) + self.layer_scale1(self.drop_path1(self.norm1(mix(x))))
-            x = self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.norm2(self.mlp(x))))
-        else:
-            x = self.norm1(self.res_scale1(x) + self.layer_scale1(self.drop_path1(mix(x))))
-            x = self.norm2(self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.mlp(x))))
-        return x
+            return self._feedforward(x, "res_post")
+        x = self.norm1(self.res_scale1(x) + self.layer_scale1(self.drop_path1(mix(x))))
+        return self._feedforward(x, "post")
+
+    def _feedforward(self, x: torch.Tensor, style: str) -> torch.Tensor:
+        """The second sublayer in the block's norm style (the fused transition block is pre-norm);
+        absent for a zero-branch feedforward."""
+        if not self.has_ffn:
+            return x
+        if style == "pre":
+            return self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.mlp(self.norm2(x))))
+        if style == "res_post":
+            return self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.norm2(self.mlp(x))))
+        return self.norm2(self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.mlp(x))))

@@ -83,6 +83,7 @@ def make_activation(name: str) -> nn.Module:
         "silu": lambda: nn.SiLU(),
         "squared_relu": SquaredReLU,
         "star_relu": StarReLU,
+        "tanh": lambda: nn.Tanh(),
     }[name]()
 
 

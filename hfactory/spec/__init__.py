@@ -9,6 +9,8 @@ from . import swin as _swin  # noqa: F401  (registers Swin components)
 from . import swinv2 as _swinv2  # noqa: F401  (registers Swin V2 components)
 from . import sam2 as _sam2  # noqa: F401  (registers SAM2 HieraDet components)
 from . import pvt as _pvt  # noqa: F401  (registers PVTv2 components)
+from . import maxvit as _maxvit  # noqa: F401  (registers MaxViT components)
+from . import mvit as _mvit  # noqa: F401  (registers MViTv2 components)
 from .io import dump_spec, load_spec, load_yaml
 from .model import EncoderSpec, StageDefaults, StageSpec
 from . import variants  # noqa: E402  (overrides and scaling rules; needs the models above)

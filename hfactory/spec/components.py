@@ -93,7 +93,7 @@ def _dump_component(value: ComponentParams) -> dict:
 NormField = Annotated[ComponentParams, ComponentField("norm")]
 
 
-Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "squared_relu", "star_relu"]
+Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "squared_relu", "star_relu", "tanh"]
 
 # ------------------------------------------------------------------------------------ norms
 

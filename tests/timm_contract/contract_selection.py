@@ -69,11 +69,13 @@ KNOWN_BUGS: dict = {}
 # runs every applicable test except these heavy ones (FX trace + forward + backward, and the prune
 # contract, which prunes at every feature index and trains each pruned copy), which run on one
 # preset per family; the others share their code paths (same encoder, same layouts, same heads:
-# caformer's MLP head, swin's head_norm_first, hiera's units, sam2's block overrides, hvt's seq)
+# caformer's MLP head, swin's head_norm_first, hiera's units, sam2's block overrides, hvt's seq,
+# mvitv2's fused transitions, maxvit's conv stem and MBConv blocks)
 # and differ in numbers and in the mixers inside the stages (FX keeps a stage as one call).
 HEAVY_TESTS = ("test_model_forward_fx", "test_model_backward_fx", "test_prune_intermediate_layers_contract")
 REPRESENTATIVES = ("hfactory_caformer_s18", "hfactory_hiera_tiny_224", "hfactory_sam2_hiera_tiny",
-                   "hfactory_swin_tiny_patch4_window7_224", "hfactory_pvt_v2_b0", "hfactory_hvt_ti_1")
+                   "hfactory_swin_tiny_patch4_window7_224", "hfactory_pvt_v2_b0", "hfactory_hvt_ti_1",
+                   "hfactory_mvitv2_tiny", "hfactory_maxvit_tiny_tf_224")
 
 
 def lookup(table: dict, test: str, model: str) -> Optional[str]:
