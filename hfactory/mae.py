@@ -106,9 +106,11 @@ class MaskedAutoencoder(nn.Module):
         encoder: the :class:`HierarchicalEncoder` (``num_classes=0``); ``encoder.norm`` is the MAE's
             ``encoder_norm``.
         geometry: :class:`~hfactory.spec.mae.MAEGeometry` at the spec's ``img_size``.
-        multi_scale_fusion_heads, decoder_embed, mask_token ``(1, 1, D)``, decoder_pos_embed
-        ``(1, gh, gw, D)`` (channels-last; bicubically resized for other image sizes),
-        decoder_blocks, decoder_norm, decoder_pred: as the reference's.
+
+    The decoder's attributes are named as the reference's: ``multi_scale_fusion_heads``,
+    ``decoder_embed``, ``mask_token`` ``(1, 1, D)``, ``decoder_pos_embed`` ``(1, gh, gw, D)``
+    (channels-last; bicubically resized for other image sizes), ``decoder_blocks``,
+    ``decoder_norm``, ``decoder_pred``.
 
     Raises:
         PlanError: the encoder is not MAE-compatible (its location names the first offending stage

@@ -128,7 +128,7 @@ def load_spec(source: SpecSource) -> EncoderSpec:
         raise SpecKindError(f"{where}this is {cls.kind_title} (it has {key!r}, not 'stages'); load_spec, "
                             "build_encoder and from_pretrained take encoder specs. Build it with "
                             "hfactory.build(spec) (or hfactory.sft.build_sft), reload a saved one with "
-                            "hfactory.load(directory); hfactory train, eval and summary take either (README, 'SFT').")
+                            "hfactory.load(directory); hfactory train, eval and summary take either (docs: guide/sft.md).")
     return EncoderSpec.model_validate(document)
 
 
