@@ -27,6 +27,30 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def vector_extensions() -> str:
+    """The CPU's vector extensions that decide kernel choice: ``avx2``, every ``avx512*`` and
+    ``amx*`` flag in ``/proc/cpuinfo`` (``"avx2"`` alone on the AVX2-only EPYC), or "unknown"."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                keep = [f for f in flags if f == "avx2" or f.startswith(("avx512", "amx"))]
+                return " ".join(sorted(keep)) or "none of avx2/avx512/amx"
+    except OSError:
+        pass
+    return "unknown"
+
+
+def machine_line(threads: int) -> str:
+    """One line naming what a figure was measured on: CPU model, vector extensions, threads,
+    torch version and date (UTC)."""
+    import torch
+
+    return (f"{cpu_model()} ({vector_extensions()}; torch CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}), {threads} thread(s), torch {torch.__version__}, "
+            f"{time.strftime('%Y-%m-%d', time.gmtime())}")
+
+
 def cpus() -> int:
     """CPUs this process may run on (its affinity; ``os.cpu_count()`` where that is unknown)."""
     try:

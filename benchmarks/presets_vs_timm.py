@@ -42,9 +42,13 @@ import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, cpu_model, load_average, mem_gb, write_results
+from common import RESULTS, cpu_model, load_average, mem_gb, vector_extensions, write_results
 SECTION = "## Presets vs timm (CPU)"
-NATIVE = {"hiera_small_abswin_256": 256}
+def _native(name: str) -> int:
+    """The preset's own image size (its spec's img_size: 224, or 256 for the *_256 presets)."""
+    import hfactory
+
+    return hfactory.load_preset(name).img_hw[0]
 
 
 def bench_preset(name: str, batch: int, rounds: int, train_rounds: int, warmup: int) -> dict:
@@ -56,14 +60,15 @@ def bench_preset(name: str, batch: int, rounds: int, train_rounds: int, warmup: 
     import hfactory
     from hfactory.convert import from_timm_state_dict
 
-    size = NATIVE.get(name, 224)
+    size = _native(name)
     torch.manual_seed(0)
     ref = timm.create_model(name, pretrained=False)
     model = hfactory.create_model(name)
     model.load_state_dict(from_timm_state_dict(ref.state_dict(), model), strict=True)
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, size, size, generator=gen)
-    labels = torch.randint(0, 1000, (batch,), generator=gen)
+    # the classes the twin predicts (timm's SAM2 HieraDet has num_classes 0: pooled features)
+    labels = torch.randint(0, ref.num_classes or ref.num_features, (batch,), generator=gen)
     models = {"hfactory": model, "timm": ref}
 
     for m in models.values():
@@ -258,7 +263,8 @@ def main() -> int:
             f"Reproduce (from the repository root): `{cmd}`",
             "",
             f"- Date: {started:%Y-%m-%d %H:%M} UTC; the run took {elapsed / 60:.1f} min",
-            f"- Machine: {os.cpu_count()} CPUs ({cpu_model()}), {mem_gb()}, no GPU",
+            f"- Machine: {os.cpu_count()} CPUs ({cpu_model()}; {vector_extensions()}; torch CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}), {mem_gb()}, no GPU",
             f"- torch {torch.__version__}, timm {timm.__version__}, Python {platform.python_version()}",
             f"- Load average (1/5/15 min) at start {load_start}, at end {load_end} (other jobs share "
             f"this machine)",

@@ -21,6 +21,7 @@ _LAZY = {
     "load": ".models",
     "attention": ".layers.attention",
     "attention_backend": ".layers.attention",
+    "optimize": ".cpu",
 }
 
 __all__ = ["EncoderSpec", "StageSpec", "StageDefaults", "Plan", "StagePlan", "PlanError", "resolve",

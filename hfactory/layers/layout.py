@@ -63,26 +63,33 @@ def pool_hw(x: torch.Tensor, stride: tuple[int, int], mode: str = "max") -> torc
 
 class TokenLinear(nn.Linear):
     """``nn.Linear`` over the channel axis of channels-last tokens ``(..., C)`` (same parameters,
-    names and values: a drop-in subclass).
+    names and values: a drop-in subclass). By default it *is* ``nn.Linear`` (``F.linear``).
 
-    Speed: on the CPU, tokens (``ndim >= 3``) go through ``F.conv2d`` with the weight
-    viewed as a 1x1 kernel, all ``M`` tokens laid out as one channels-last row ``(1, C, 1, M)``
-    (a view, no copy; the output is channels-last too, so the view back is contiguous). The
-    product is the same (sums in another order, ~1e-7 relative), but it runs on oneDNN, which on
-    this AMD EPYC CPU is markedly faster than the MKL GEMM behind ``F.linear``, and timm's
-    MetaFormer gets it the same way (its projections are 1x1 convs on NCHW maps). ``dilation=2``
-    changes nothing for a 1x1 kernel; it makes PyTorch's dispatcher (``use_mkldnn`` in
-    ``Convolution.cpp``) choose oneDNN also with one thread, where it would otherwise route a
-    1x1 conv to that same GEMM, for forward and backward. Measured per projection (1 thread,
-    CPU time, forward + backward): 1.6-1.9x faster on Swin-T's stage shapes (25088x64->256 to
-    392x768->3072, batch 8); whole presets in ``benchmarks/RESULTS.md`` ("Presets vs timm").
-    2-D inputs (heads), other devices and dtypes, inputs of at most 20,480 elements and inputs of
-    the wrong width (so the error is ``nn.Linear``'s) use ``F.linear``.
+    Opt-in oneDNN route (``onednn = True`` on the instance; :func:`hfactory.optimize` sets it):
+    on the CPU, tokens (``ndim >= 3``) go through ``F.conv2d`` with the weight viewed as a 1x1
+    kernel, all ``M`` tokens laid out as one channels-last row ``(1, C, 1, M)`` (a view, no copy;
+    the output is channels-last too, so the view back is contiguous). The product is the same
+    (sums in another order, ~1e-7 relative). ``dilation=2`` changes nothing for a 1x1 kernel; it
+    makes PyTorch's dispatcher (``use_mkldnn`` in ``Convolution.cpp``) choose oneDNN also with one
+    thread. Whether oneDNN beats the MKL GEMM behind ``F.linear`` depends on the CPU, the shapes,
+    the threads and the PyTorch version: on a 2-core AVX2 EPYC (no AVX-512) float32 projections
+    ran 0.5-1.0x as fast as ``F.linear`` (Swin-T's stage-4 MLP at half speed) and Swin-T / Hiera-T
+    training steps 14-16% slower, hence off by default (``benchmarks/RESULTS.md``, "TokenLinear";
+    ``benchmarks/tokenlinear.py`` measures your machine).
+
+    Even when on, these take ``F.linear``: 2-D inputs (heads), other devices, dtypes other than
+    float32 and bfloat16, inputs of at most 20,480 elements (the dispatcher then skips oneDNN
+    for the slow reference conv), inputs of the wrong width (so the error is ``nn.Linear``'s),
+    and ``torch.export`` / ``torch.compile`` tracing (Inductor compiled the conv route 30-40%
+    slower than ``F.linear``).
     """
 
+    #: Take the oneDNN route (see the class docstring); a class default, overridable per instance.
+    onednn: bool = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.dim() >= 3 and x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES
-                and not torch.compiler.is_exporting() and x.numel() > _ONEDNN_MIN
+        if (self.onednn and x.dim() >= 3 and x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES
+                and not torch.compiler.is_compiling() and x.numel() > _ONEDNN_MIN
                 and x.shape[-1] == self.in_features and torch.backends.mkldnn.enabled):
             y = F.conv2d(x.reshape(1, 1, -1, self.in_features).permute(0, 3, 1, 2),
                          self.weight[:, :, None, None], self.bias, dilation=2)
@@ -90,7 +97,10 @@ class TokenLinear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-#: dtypes for which :class:`TokenLinear` uses oneDNN (empty when PyTorch was built without it).
+#: dtypes for which :class:`TokenLinear` may take the conv route (empty when PyTorch was built
+#: without oneDNN). bfloat16 is kept: without AVX-512 PyTorch runs the bf16 conv on its reference
+#: dilated-conv kernel, yet that measured 1.5-3x faster than ``F.linear`` in bf16 on the AVX2 EPYC
+#: (both 15-60x slower than float32 there; ``benchmarks/RESULTS.md``, "TokenLinear").
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16) if torch.backends.mkldnn.is_available() else ()
 #: Below this many input elements PyTorch's dispatcher does not send the conv to oneDNN
 #: (``use_mkldnn`` in ``Convolution.cpp``) but to the slow dilated-conv fallback, 3-4x slower

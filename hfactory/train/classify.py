@@ -157,6 +157,13 @@ class ClassificationTask(Task):
     def start(self, model: nn.Module, data: DataBundle, ctx: DistContext) -> None:
         for message in self.messages:
             log_main(ctx, message)
+        if ctx.is_main and next(model.parameters()).device.type == "cpu":
+            from .estimate import epoch_time_warning
+
+            image = data.train[0][0].unsqueeze(0)
+            warning = epoch_time_warning(model, image, len(data.train), len(data.test))
+            if warning:
+                log_main(ctx, warning)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=self.config.label_smoothing)
         self.max_shift = round(self.config.shift * min(self.spec.img_hw)) if data.in_memory else 0
         # The background value the shift pads with: the training set's minimum (for digits every

@@ -274,6 +274,12 @@ def _fit(task: Task, out: Path, config, resume: bool, ctx: DistContext, device: 
 
     resuming, data = agree(ctx, prepare)
     torch.set_num_threads(_threads(config))
+    if device.type == "cpu" and ctx.world_size == 1:  # (under torchrun the processes share the cores by design)
+        from .contention import contention_warning
+
+        warning = contention_warning(torch.get_num_threads())
+        if warning:
+            log_main(ctx, warning)
     if data.in_memory:  # move once; batches are then slices on the device
         data.train.tensors = tuple(t.to(device) for t in data.train.tensors)
         data.test.tensors = tuple(t.to(device) for t in data.test.tensors)
