@@ -382,7 +382,8 @@ class HierarchicalEncoder(nn.Module):
         """New classifier ``head.fc`` for ``num_classes`` (0: ``nn.Identity``, ``forward`` then gives
         pooled features ``(B, num_features)``); optionally a new ``global_pool`` (``'avg'``, ``'max'``,
         or ``''`` for none: ``forward`` then returns the normed ``(B, C, H, W)`` map, classified per
-        position into ``(B, num_classes, H, W)`` when ``num_classes > 0``; None keeps the current one). ``spec`` and ``plan`` follow.
+        position into ``(B, num_classes, H, W)`` when ``num_classes > 0``; None keeps the current
+        one). ``spec`` and ``plan`` follow.
 
         The classifier is created on ``device`` with ``dtype``, by default those of the model's
         first parameter (timm's ``get_device_dtype`` rule, so a model on ``meta`` or in float64 gets

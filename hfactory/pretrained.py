@@ -357,7 +357,8 @@ def load_weights(model: nn.Module, source: Union[str, os.PathLike, Weights], *, 
         adopt_num_classes: when the weights' class count differs from the model's, give the model
             the weights' classifier (``reset_classifier(n)``, then load it) instead of keeping the
             model's classifier with its new initialisation.
-        revision, cache_dir: of a Hub source (``cache_dir`` also for timm sources).
+        revision: the branch, tag or commit of a Hub source.
+        cache_dir: the download cache of a Hub or timm source.
         log: say so (``logging``, logger ``hfactory.pretrained``) when the classifier is not loaded
             (a warning) or adopted (info).
 
