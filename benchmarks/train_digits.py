@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, cpu_model, load_average
+from common import ROOT, cpu_model, load_average, vector_extensions
 SPEC = "examples/digits_hybrid.yaml"
 TARGET = 0.98
 
@@ -85,7 +85,8 @@ per-epoch evaluation and checkpoints, final save); training = the loop's own ela
 Reproduce (from the repository root): `.venv/bin/python benchmarks/train_digits.py`
 
 - Date: {started:%Y-%m-%d %H:%M} UTC
-- Machine: {os.cpu_count()} CPUs ({cpu_model()}), {device}; torch threads = CPUs available to the process
+- Machine: {os.cpu_count()} CPUs ({cpu_model()}; {vector_extensions()}; torch CPU capability
+  {torch.backends.cpu.get_cpu_capability()}), {device}; torch threads = CPUs available to the process
 - torch {torch.__version__}, Python {platform.python_version()}
 - Load average (1/5/15 min) at start {load[0]}, at end {load[1]} (other jobs may share this machine)
 
