@@ -71,6 +71,39 @@ def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(int(x) for x in v)
 
 
+def square_patch(patch_embed) -> tuple[int, int]:
+    """The patch size of a timm Swin / Swin V2 ``PatchEmbed``.
+
+    Raises:
+        UsageError: a non-square patch (hfactory's conv patch embedding is square).
+    """
+    patch = _pair(patch_embed.patch_size)
+    if patch[0] != patch[1]:
+        raise UsageError(f"non-square patch size {patch} is not supported; hfactory's conv patch embedding is square")
+    return patch
+
+
+def timm_stages(timm_model: nn.Module, family: str):
+    """Yield ``(layer, blocks, window)`` per stage of a timm Swin / Swin V2 model: the stage, its
+    blocks and its reference window (timm's ``_ref_window_sizes`` where set, else the first
+    block's).
+
+    Raises:
+        UsageError: ``always_partition=True``, or an MLP activation other than GELU (``family``
+            names the model in the message).
+    """
+    targets = getattr(timm_model, "_ref_window_sizes", None)
+    for i, layer in enumerate(timm_model.layers):
+        blocks = list(layer.blocks)
+        if any(getattr(b, "always_partition", False) for b in blocks):
+            raise UsageError("timm always_partition=True is not supported (hfactory clips windows to the grid, "
+                             "as timm's default)")
+        act = blocks[0].mlp.act
+        if type(act).__name__ != "GELU":
+            raise UsageError(f"stage {i}: no hfactory activation for timm {type(act).__name__} in {family}'s MLP")
+        yield layer, blocks, (_pair(targets[i]) if targets is not None else _pair(blocks[0].window_size))
+
+
 def spec_from_timm_swin(timm_model: nn.Module) -> dict:
     """The hfactory spec (dict) of a timm ``SwinTransformer``: the ``swin_tiny_patch4_window7_224``
     preset with the model's widths, depths, heads, windows, MLP ratios, norms, patch size, image
@@ -85,25 +118,14 @@ def spec_from_timm_swin(timm_model: nn.Module) -> dict:
 
     spec = load_preset(PRESET).model_dump(mode="json", exclude_none=True)
     pe = timm_model.patch_embed
-    patch = _pair(pe.patch_size)
-    if patch[0] != patch[1]:
-        raise UsageError(f"non-square patch size {patch} is not supported; hfactory's conv patch embedding is square")
-    targets = getattr(timm_model, "_ref_window_sizes", None)
+    patch = square_patch(pe)
     stages, last = [], None
-    for i, layer in enumerate(timm_model.layers):
-        blocks = list(layer.blocks)
+    for i, (layer, blocks, window) in enumerate(timm_stages(timm_model, "Swin")):
         blk, attn = blocks[0], blocks[0].attn
-        if any(getattr(b, "always_partition", False) for b in blocks):
-            raise UsageError("timm always_partition=True is not supported (hfactory clips windows to the grid, "
-                             "as timm's default)")
         dim, heads = blk.dim, attn.num_heads
         if attn.qkv.out_features != 3 * dim:
             raise UsageError(f"stage {i}: head_dim x num_heads = {attn.qkv.out_features // 3} differs from the "
                              f"width {dim}; hfactory's plan needs num_heads * dim_head == embedding")
-        window = _pair(targets[i]) if targets is not None else _pair(blk.window_size)
-        act = blk.mlp.act
-        if type(act).__name__ != "GELU":
-            raise UsageError(f"stage {i}: no hfactory activation for timm {type(act).__name__} in Swin's MLP")
         stage = {
             "embedding": dim, "depth": len(blocks), "num_heads": heads,
             "norm": _layernorm(blk.norm1, f"layers.{i}.blocks.0.norm1"),
@@ -112,7 +134,7 @@ def spec_from_timm_swin(timm_model: nn.Module) -> dict:
                             "proj_bias": attn.proj.bias is not None, "attn_drop": attn.attn_drop.p,
                             "proj_drop": attn.proj_drop.p},
             "feedforward": {"kind": "mlp", "hidden_layer_multiplier": blk.mlp.fc1.out_features / dim,
-                            "activation": "gelu" if getattr(act, "approximate", "none") == "none" else "gelu_tanh",
+                            "activation": "gelu" if getattr(blk.mlp.act, "approximate", "none") == "none" else "gelu_tanh",
                             "bias": blk.mlp.fc1.bias is not None, "drop": blk.mlp.drop1.p},
         }
         if i == 0:

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import UsageError
 from .core import Family, register_family
-from .swin import _layernorm, _pair, map_swin
+from .swin import _layernorm, _pair, map_swin, square_patch, timm_stages
 
 __all__ = ["map_swinv2", "spec_from_timm_swinv2", "PRESET"]
 
@@ -51,22 +51,11 @@ def spec_from_timm_swinv2(timm_model: nn.Module) -> dict:
 
     spec = load_preset(PRESET).model_dump(mode="json", exclude_none=True)
     pe = timm_model.patch_embed
-    patch = _pair(pe.patch_size)
-    if patch[0] != patch[1]:
-        raise UsageError(f"non-square patch size {patch} is not supported; hfactory's conv patch embedding is square")
-    targets = getattr(timm_model, "_ref_window_sizes", None)
+    patch = square_patch(pe)
     stages, last = [], None
-    for i, layer in enumerate(timm_model.layers):
-        blocks = list(layer.blocks)
+    for i, (layer, blocks, window) in enumerate(timm_stages(timm_model, "Swin V2")):
         blk, attn = blocks[0], blocks[0].attn
-        if any(getattr(b, "always_partition", False) for b in blocks):
-            raise UsageError("timm always_partition=True is not supported (hfactory clips windows to the grid, "
-                             "as timm's default)")
-        window = _pair(targets[i]) if targets is not None else _pair(blk.window_size)
         pretrained = _pair(attn.pretrained_window_size)
-        act = blk.mlp.act
-        if type(act).__name__ != "GELU":
-            raise UsageError(f"stage {i}: no hfactory activation for timm {type(act).__name__} in Swin V2's MLP")
         stage = {
             "embedding": blk.dim, "depth": len(blocks), "num_heads": attn.num_heads,
             "norm": _layernorm(blk.norm1, f"layers.{i}.blocks.0.norm1"),
@@ -78,7 +67,7 @@ def spec_from_timm_swinv2(timm_model: nn.Module) -> dict:
                             "qkv_bias": attn.q_bias is not None, "attn_drop": attn.attn_drop.p,
                             "proj_drop": attn.proj_drop.p},
             "feedforward": {"kind": "mlp", "hidden_layer_multiplier": blk.mlp.fc1.out_features / blk.dim,
-                            "activation": "gelu" if getattr(act, "approximate", "none") == "none" else "gelu_tanh",
+                            "activation": "gelu" if getattr(blk.mlp.act, "approximate", "none") == "none" else "gelu_tanh",
                             "bias": blk.mlp.fc1.bias is not None, "drop": blk.mlp.drop1.p},
         }
         if i == 0:
