@@ -188,3 +188,32 @@ def test_bias_einsum_lookup_is_swins_index_gather():
     index = relative_position_index((3, 2))
     expected = attn.relative_position_bias_table[index.reshape(-1)].reshape(6, 6, 2).permute(2, 0, 1)
     torch.testing.assert_close(attn.relative_position_bias(), expected, rtol=0, atol=0)
+
+
+#: timm's other TF sizes from the tiny preset: widths x1.5 (small, base) or x2 (large) with the
+#: head dimension kept at 32, base and large deepen stages 1-2 from 2 and 5 MaxViT blocks to 6 and
+#: 14 (hfactory blocks 3d - 1: 5 -> 17 and 14 -> 41). The stem is not a stage width: it stays 64
+#: in small and base, and large's 128 is an ordinary override of stage 0's downsampler.
+TF_SIZES = {
+    "maxvit_small_tf_224": ({"width_multiplier": 1.5}, None),
+    "maxvit_base_tf_224": ({"width_multiplier": 1.5, "depth_multiplier": [1, 17 / 5, 41 / 14, 1]}, None),
+    "maxvit_large_tf_224": ({"width_multiplier": 2, "depth_multiplier": [1, 17 / 5, 41 / 14, 1]}, 128),
+}
+
+
+@pytest.mark.parametrize("name", list(TF_SIZES))
+def test_named_sizes_from_scaling_rule(name):
+    from hfactory.spec.variants import scale
+
+    rule, stem_width = TF_SIZES[name]
+    spec = scale(hfactory.load_preset("maxvit_tiny_tf_224"), rule, name=name)
+    if stem_width is not None:
+        down = spec.model_dump(mode="json", exclude_none=True)["stages"][0]["downsample"]
+        down["stem"]["width"] = stem_width
+        spec = spec.with_changes({"stages.0.downsample": down})
+    with torch.device("meta"):  # timm's own count, on the meta device
+        ref = timm.create_model(name, pretrained=False)
+        model = hfactory.build_encoder(spec)
+    assert count(model) == count(ref), name
+    assert [(s.depth, s.num_heads) for s in model.plan.stages] == [
+        (3 * len(st.blocks) - 1, st.blocks[0].attn_block.attn.num_heads) for st in ref.stages]

@@ -91,3 +91,39 @@ def test_plan_declarations_and_errors():
     spec["stages"][0]["feedforward"]["kernel_size"] = 4
     with pytest.raises(PlanError, match=r"stages\.0\.feedforward\.kernel_size"):
         resolve(EncoderSpec.model_validate(spec))
+
+
+#: The other named sizes as the b0 preset plus a scaling rule (timm ``pvt_v2.py``'s registrations):
+#: b1-b5 double b0's widths with the head counts kept (head dim 32 -> 64) and deepen the stages;
+#: b5 also uses MLP ratio 4 in stages 0-1 (b0-b4: 8) and b2_li swaps in the linear attention and
+#: the ReLU after fc1, both ordinary overrides. Every size timm registers is expressible.
+B_SIZES = {
+    "pvt_v2_b1": ([1, 1, 1, 1], {}),
+    "pvt_v2_b2": ([1.5, 2, 3, 1.5], {}),
+    "pvt_v2_b3": ([1.5, 2, 9, 1.5], {}),
+    "pvt_v2_b4": ([1.5, 4, 13.5, 1.5], {}),
+    "pvt_v2_b5": ([1.5, 3, 20, 1.5], {"stages.0.feedforward.hidden_layer_multiplier": 4,
+                                      "stages.1.feedforward.hidden_layer_multiplier": 4}),
+    "pvt_v2_b2_li": ([1.5, 2, 3, 1.5], {"stages.*.token_mixer.linear": True, "stages.*.feedforward.extra_relu": True}),
+}
+
+
+@pytest.mark.parametrize("name", list(B_SIZES))
+def test_named_sizes_from_scaling_rule(name):
+    from hfactory.spec.variants import scale
+
+    depths, changes = B_SIZES[name]
+    rule = {"width_multiplier": 2, "heads": "keep_num_heads", "depth_multiplier": depths}
+    spec = scale(hfactory.load_preset("pvt_v2_b0"), rule, name=name)
+    if changes:
+        spec = spec.with_changes(changes)
+    with torch.device("meta"):  # shapes only: timm's own count, never one hfactory computes
+        ref = timm.create_model(name, pretrained=False)
+        model = hfactory.build_encoder(spec)
+    assert count(model) == count(ref), name
+    # what the count cannot see: head counts and the parameter-free ReLU of the linear variant
+    plan = model.plan.stages
+    assert [s.depth for s in plan] == [len(st.blocks) for st in ref.stages]
+    assert [s.num_heads for s in plan] == [st.blocks[0].attn.num_heads for st in ref.stages]
+    assert [s.feedforward["extra_relu"] for s in plan] == [
+        isinstance(st.blocks[0].mlp.relu, torch.nn.ReLU) for st in ref.stages]

@@ -10,9 +10,22 @@ the final map, the pooled + normed head output and every stage map agree to
 14-windows, pools to 7 and crops to 8). SAM2-layout keys (``image_encoder.trunk.`` prefix,
 ``mlp.layers.0/1``, no ``head.norm``) are made from the timm reference's weights by the renaming
 the reference file states (sections 1, 5 and 7.10).
+
+The preset also equals the ``sam2`` package's own trunk (PyPI ``sam2==1.1.0``, the sdist matching
+facebookresearch/sam2, reference file section 0), built from its ``sam2.1_hiera_t.yaml`` by hydra:
+the sdist is fetched at test time into ``~/.cache/hfactory-tests`` and installed there (never in
+the repository) with ``SAM2_BUILD_CUDA=0``; without network those tests skip, saying so. The other
+named sizes (s, b+, l) are the preset plus a scaling rule and overrides, checked against timm's
+parameter counts and against the package's configs.
 """
 
 from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -25,6 +38,7 @@ from hfactory.convert import from_sam2_state_dict, from_timm, from_timm_state_di
 from hfactory.convert.sam2 import spec_from_timm_sam2
 from hfactory.layers.sam2 import Sam2WindowAttention
 from hfactory.presets import create_model
+from hfactory.spec.variants import scale
 
 from reference_utils import assert_rel_close, randomize_
 
@@ -207,3 +221,186 @@ def test_fpn_neck_on_the_sam2_trunk_matches_the_reference_formula(pair):
         assert torch.equal(pos[i], neck.position_encoding(feats[i]))
     with pytest.raises(ValueError, match="top_down_levels"):
         FpnNeck([96, 192], top_down_levels=[2])
+
+
+# ------------------------------------------------------------- the other named sizes, by scaling
+
+
+#: timm's (and SAM2.1's) other trunks from the tiny preset: a scaling rule (depths; b+ and l widen
+#: with the head count kept and doubled, head dim 96 -> 56 / 72) plus ordinary overrides for what a
+#: depth/width rule cannot know: the global-attention blocks (stage-3 indices of timm's
+#: ``global_att_blocks``, no pattern shared by the sizes: t 2/4/6, s 4/7/10, b+ 7/11/15,
+#: l 15/25/35 of 7/11/16/36 blocks, so the tiny preset's ``at: [2, 4, 6]`` is not scaled),
+#: b+'s 14x14 background position embedding and l's windows 16/8 in stages 3-4.
+SIZES = {
+    "sam2_hiera_small": ("sam2.1_hiera_s", {"depth_multiplier": [1, 1, 11 / 7, 1]}, [4, 7, 10], {}),
+    "sam2_hiera_base_plus": ("sam2.1_hiera_b+", {"depth_multiplier": [2, 1.5, 16 / 7, 1.5], "width_multiplier": 7 / 6,
+                                                 "heads": "keep_num_heads", "head_multiplier": 2},
+                             [7, 11, 15], {"stages.0.pos_embed.global_pos_size": 14}),
+    "sam2_hiera_large": ("sam2.1_hiera_l", {"depth_multiplier": [2, 3, 36 / 7, 2], "width_multiplier": 1.5,
+                                            "heads": "keep_num_heads", "head_multiplier": 2},
+                         [15, 25, 35], {"stages.2.token_mixer.window_size": 16, "stages.3.token_mixer.window_size": 8}),
+}
+
+
+def scaled_spec(name):
+    _, rule, global_blocks, changes = SIZES[name]
+    spec = scale(hfactory.load_preset(NAME), rule, name=name)
+    # the blocks list is replaced whole (with_changes addresses mappings, not list items)
+    return spec.with_changes({**changes, "stages.2.blocks": [{"at": global_blocks, "token_mixer": "attention"}]})
+
+
+def block_layout(blocks):
+    """(window, heads, dim_out, q-pooled) per block of a timm ``HieraDet`` or a sam2 ``Hiera``;
+    window 0 = global attention."""
+    def side(w):
+        return w[0] if isinstance(w, (tuple, list)) else w
+    return [(side(b.window_size), b.attn.num_heads, b.dim_out, bool(b.q_stride)) for b in blocks]
+
+
+def planned_layout(plan):
+    return [(b.token_mixer["window_size"][0] if b.token_mixer["kind"] == "sam2_window_attention" else 0,
+             b.token_mixer["num_heads"], b.token_mixer["dim"], b.q_stride is not None)
+            for stage in plan.stages for b in stage.blocks]
+
+
+@pytest.mark.parametrize("name", list(SIZES))
+def test_named_sizes_from_scaling_rule(name):
+    """Parameter count from timm's own model (meta device), and the per-block layout the count
+    cannot see (global blocks, windows with the q-pooling lag, head counts)."""
+    spec = scaled_spec(name)
+    with torch.device("meta"):
+        ref = timm.create_model(name, pretrained=False)
+        ours = hfactory.build_encoder(spec)
+    assert n_params(ours) == n_params(ref), name
+    assert planned_layout(ours.plan) == block_layout(ref.blocks), name
+    assert ours.plan.stages[0].pos_embed["global_pos_size"] == list(ref.global_pos_size)
+
+
+# ---------------------------------------------- the sam2 package's own trunk (PyPI sam2==1.1.0)
+
+SAM2_VERSION = "1.1.0"
+#: sam2's pure-Python runtime needs for ``sam2/__init__.py`` (hydra) and ``hieradet.py`` (iopath),
+#: pinned; torch, numpy, tqdm and pillow come from the test environment.
+SAM2_DEPS = ("hydra-core==1.3.2", "omegaconf==2.3.0", "antlr4-python3-runtime==4.9.3", "iopath==0.1.10",
+             "portalocker==4.4.2")
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("HFACTORY_TEST_CACHE"):
+        return Path(os.environ["HFACTORY_TEST_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hfactory-tests"
+
+
+def _pip(args, what):
+    cmd = [sys.executable, "-m", "pip", *args, "--disable-pip-version-check"]
+    env = dict(os.environ, SAM2_BUILD_CUDA="0", SAM2_BUILD_ALLOW_ERRORS="0")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.skip(f"{what} timed out (no network?)")
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        tail = " ".join(([ln.strip() for ln in lines if "ERROR" in ln] or lines)[-2:])
+        pytest.skip(f"{what} failed (no network?): {tail}")
+
+
+def _sam2_site(scratch: Path) -> Path:
+    """A ``--target`` folder with the sam2 sdist installed as its setup.py builds it with
+    ``SAM2_BUILD_CUDA=0`` (pure Python, against the test environment's torch: no build isolation,
+    so no second torch is fetched) and its small pure-Python dependencies; cached in
+    ``~/.cache/hfactory-tests`` (``$HFACTORY_TEST_CACHE``), never in the repository."""
+    site = _cache_dir() / f"sam2-{SAM2_VERSION}-py{sys.version_info[0]}{sys.version_info[1]}"
+    if (site / "sam2" / "modeling" / "backbones" / "hieradet.py").is_file():
+        return site
+    sdist = _cache_dir() / f"sam2-{SAM2_VERSION}.tar.gz"
+    if not sdist.is_file():
+        # no build isolation: the metadata step would otherwise fetch a whole torch to build in
+        _pip(["download", f"sam2=={SAM2_VERSION}", "--no-binary", ":all:", "--no-deps", "--no-build-isolation",
+              "-d", str(scratch)],
+             f"pip download of the sam2 {SAM2_VERSION} sdist")
+        found = sorted(scratch.glob("sam2-*.tar.gz"))
+        if not found:
+            pytest.skip(f"pip download gave no sam2 {SAM2_VERSION} sdist")
+        sdist.parent.mkdir(parents=True, exist_ok=True)
+        partial = sdist.with_name(f"{sdist.name}.{os.getpid()}.partial")
+        shutil.copyfile(found[0], partial)
+        os.replace(partial, sdist)  # atomic: a concurrent run sees the whole file or none
+    target = site.with_name(f"{site.name}.{os.getpid()}.partial")
+    shutil.rmtree(target, ignore_errors=True)
+    _pip(["install", "--no-deps", "--no-build-isolation", "--no-compile", "--target", str(target), str(sdist),
+          *SAM2_DEPS], f"installing the sam2 {SAM2_VERSION} sdist and {', '.join(SAM2_DEPS)}")
+    try:
+        os.replace(target, site)
+    except OSError:  # a concurrent run finished first
+        shutil.rmtree(target, ignore_errors=True)
+    return site
+
+
+@pytest.fixture(scope="module")
+def sam2_pkg(tmp_path_factory):
+    """``(Hiera, build)``: the sam2 package's trunk class and ``build(config)``, which instantiates
+    ``model.image_encoder.trunk`` of ``sam2/configs/sam2.1/<config>.yaml`` with hydra, as SAM2's
+    ``build_sam2`` does; the package's code runs unmodified (``import sam2`` initialises hydra)."""
+    site = _sam2_site(tmp_path_factory.mktemp("sam2-sdist"))
+    sys.path.insert(0, str(site))
+    try:
+        import sam2  # noqa: F401  (its __init__: hydra's initialize_config_module("sam2"))
+        from hydra.utils import instantiate
+        from omegaconf import OmegaConf
+        from sam2.modeling.backbones.hieradet import Hiera
+
+        assert Path(sam2.__file__).resolve().is_relative_to(site.resolve()), sam2.__file__
+
+        def build(config: str):
+            cfg = OmegaConf.load(site / "sam2" / "configs" / "sam2.1" / f"{config}.yaml")
+            trunk = instantiate(cfg.model.image_encoder.trunk)
+            assert type(trunk) is Hiera
+            return trunk
+
+        yield Hiera, build
+    finally:
+        sys.path.remove(str(site))
+
+
+def test_preset_equals_the_sam2_package_trunk(sam2_pkg):
+    """``sam2_hiera_tiny`` against SAM2.1's own tiny trunk (sam2.1_hiera_t.yaml: embed 96, heads 1,
+    stages 1/2/7/2, global blocks 5/7/9, background position 7x7, windows 8/4/14/7), randomised and
+    converted with :func:`from_sam2_state_dict`: the 4 stage maps (NCHW, strides 4-32) within
+    1e-4 x max|ref| at 224 (no padding) and 256 (padded windows in stages 3-4), the parameter count,
+    and a full-model state dict (``image_encoder.trunk.``, ``{"model": ...}``) converting the same."""
+    _, build = sam2_pkg
+    trunk = randomize_(build("sam2.1_hiera_t"), seed=3).eval()
+    ours = create_model(NAME).eval()
+    # SAM2's trunk has no final norm; the preset's (timm's head.norm, pooled vector only) has 2 x 768
+    assert n_params(trunk) == n_params(ours) - 2 * 768 == 26_849_472
+    ours.load_state_dict(from_sam2_state_dict(trunk.state_dict(), ours), strict=True)
+    worst = 0.0
+    for hw, batch in (((224, 224), 1), ((256, 256), 1)):
+        x = images(hw, batch=batch, seed=5)
+        with torch.no_grad():
+            maps = trunk(x)  # list of 4 NCHW maps, high to low resolution
+            our_maps = ours.forward_intermediates(x, intermediates_only=True)
+        assert len(maps) == len(our_maps) == 4
+        for i, (m, r) in enumerate(zip(our_maps, maps)):
+            worst = max(worst, assert_rel_close(m, r, REL, f"sam2 package trunk at {hw}, stage {i}"))
+    print(f"sam2 package trunk vs sam2_hiera_tiny: worst max|diff| / max|ref| = {worst:.2e}")
+    assert worst < REL
+    full = {"model": {"image_encoder.trunk." + k: v for k, v in trunk.state_dict().items()}}
+    full["model"]["image_encoder.neck.convs.0.conv.weight"] = torch.zeros(256, 768, 1, 1)
+    converted, loaded = from_sam2_state_dict(full, ours), ours.state_dict()
+    assert set(converted) == set(loaded)
+    assert all(torch.equal(converted[k], loaded[k]) for k in loaded)
+
+
+@pytest.mark.parametrize("name", list(SIZES))
+def test_named_sizes_equal_the_sam2_package_configs(sam2_pkg, name):
+    """The scaled specs against SAM2.1's own s/b+/l trunk configs: parameter count (the preset's
+    final norm aside) and the per-block layout. sam2's trunk is built on the CPU (its constructor
+    calls ``.item()`` on the drop-path schedule, which the meta device refuses; large: ~2 s)."""
+    _, build = sam2_pkg
+    trunk = build(SIZES[name][0])
+    with torch.device("meta"):
+        ours = hfactory.build_encoder(scaled_spec(name))
+    assert n_params(trunk) == n_params(ours) - ours.norm.weight.numel() * 2, name
+    assert planned_layout(ours.plan) == block_layout(trunk.blocks), name

@@ -193,3 +193,22 @@ def test_unshifted_windows_tiling_the_mask_unit_run_inside_units():
     spec["defaults"]["token_mixer"].update(shift=True)
     with pytest.raises(PlanError, match="window_attention_v2"):
         resolve(load_spec(spec))
+
+
+@pytest.mark.parametrize("name,rule", [
+    ("swinv2_small_window8_256", {"depth_multiplier": [1, 1, 3, 1]}),
+    ("swinv2_base_window8_256", {"depth_multiplier": [1, 1, 3, 1], "width_multiplier": 4 / 3}),
+])
+def test_named_sizes_from_scaling_rule(name, rule):
+    """The other window-8 sizes are the tiny preset plus a scaling rule (timm's registrations:
+    small deepens stage 3 to 18 blocks; base also widens 96 -> 128 with the head dimension kept
+    at 32, so heads 4/8/16/32); parameter counts from timm's own model on the meta device."""
+    from hfactory.spec.variants import scale
+
+    spec = scale(load_preset(PRESET), rule, name=name)
+    with torch.device("meta"):
+        ref = timm.create_model(name, pretrained=False)
+        ours = build_encoder(spec)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters()), name
+    assert [(s.depth, s.num_heads) for s in ours.plan.stages] == [
+        (len(layer.blocks), layer.blocks[0].attn.num_heads) for layer in ref.layers]
