@@ -104,3 +104,30 @@ def test_overrides_round_trip_through_yaml():
                   {"every": 3, "offset": 2, "drop_path": 0.0}])
     again = load_spec(dump_spec(spec))
     assert again == spec and resolve(again) == resolve(spec)
+
+
+def test_with_changes_addresses_an_entry_by_position():
+    """``stages.N.blocks.K.<field>`` changes one entry (``*``: all), its component options too,
+    and the plan sees it; what matches nothing is named with the valid range or keys."""
+    from hfactory.errors import OverrideError
+
+    spec = _spec([{"at": [1], "token_mixer": "attention"},
+                  {"every": 2, "token_mixer": {"kind": "window_attention", "window_size": 4}}])
+    changed = spec.with_changes({"stages.1.blocks.0.at": [0, 5], "stages.1.blocks.1.token_mixer.window_size": 2,
+                                 "stages.1.blocks.*.drop_path": 0.0})
+    blocks = resolve(changed).stages[1].blocks
+    # entry 1 (every 2nd block from 0) comes later, so it wins at block 0
+    assert [b.token_mixer["kind"] for b in blocks] == ["window_attention"] * 5 + ["attention"]
+    assert [list(b.token_mixer["window_size"]) for b in blocks[:5]] == [[2, 2], [4, 4], [2, 2], [4, 4], [2, 2]]
+    assert spec.stages[1].blocks[0].at == [1]  # the original is untouched
+    for change, where, says in [
+        ({"stages.1.blocks.2.at": 0}, "stages.1.blocks.2", "the stage has 2 (0-1)"),
+        ({"stages.1.blocks.first.at": 0}, "stages.1.blocks.first", "an entry index (0-1) or '*'"),
+        ({"stages.1.blocks.0.window": 2}, "stages.1.blocks.0.window", "valid: at, drop_path, every"),
+        ({"stages.0.blocks.0.at": 0}, "stages.0.blocks.0", "no per-block overrides"),
+        ({"stages.1.blocks.0.token_mixer.window_size": 2}, "stages.1.blocks.0.token_mixer.window_size",
+         "'attention' has no option 'window_size'"),
+    ]:
+        with pytest.raises(OverrideError) as err:
+            spec.with_changes(change)
+        assert err.value.path == where and says in str(err.value), (change, str(err.value))

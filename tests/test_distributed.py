@@ -10,15 +10,17 @@ The ``--shift`` augmentation stays on: every process draws the global batch's of
 spec has ``drop_path_rate: 0`` and ``drop_rate: 0`` because stochastic depth and dropout masks
 are drawn per process (see hfactory/train/distributed.py).
 
-Then FSDP2 (``--fsdp``) stops after 3 steps and DDP resumes its checkpoint: the result must be
+Then FSDP2 (``--fsdp``, the model built shard by shard) stops after 3 steps with a sharded (DCP)
+checkpoint, which 2 FSDP processes, 2 DDP processes and 1 process resume: each result must be
 the uninterrupted DDP run's; and ``hfactory pretrain`` (sparse MAE) under torchrun must match
-one process too. Runs take ~6-10 s each on 2 cores (5 torchrun launches).
+one process too. Runs take ~6-10 s each on 2 cores (6 torchrun launches).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -105,18 +107,35 @@ def test_two_processes_train_like_one(runs):
     assert max((trained[k] - init[k]).abs().max().item() for k in init) > 1e-3
 
 
-def test_fsdp_checkpoint_resumes_under_ddp(runs):
+def test_fsdp_sharded_checkpoint_resumes_with_any_process_count(runs):
     if not (runs / "ddp" / "model").is_dir():
         pytest.skip("needs the DDP run of test_two_processes_train_like_one")
     result = torchrun("tiny.yaml", "--out", "fsdp", "--fsdp", "--stop-at-step", "3", *ARGS, cwd=runs)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 processes (FSDP2, gloo)" in result.stdout and "stopped at step 3" in result.stdout
     assert not (runs / "fsdp" / "model").exists()
-    result = torchrun("tiny.yaml", "--out", "fsdp", "--resume", "--no-progress", "--threads", "1", cwd=runs)
+    # sharded (DCP) checkpoint: one shard file per process, no full weights
+    checkpoint = runs / "fsdp" / "checkpoint"
+    assert sorted(p.name for p in (checkpoint / "dcp").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert not (checkpoint / "model.safetensors").exists()
+    for name in ("fsdp_as_ddp", "fsdp_as_one"):
+        shutil.copytree(runs / "fsdp", runs / name)
+    resume = ["--resume", "--no-progress", "--threads", "1"]
+    result = torchrun("tiny.yaml", "--out", "fsdp", "--fsdp", *resume, cwd=runs)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming" in result.stdout
-    # FSDP's gathered checkpoint continues exactly where DDP would have been
+    result = torchrun("tiny.yaml", "--out", "fsdp_as_ddp", *resume, cwd=runs)
+    assert result.returncode == 0, result.stderr[-3000:]
+    threads = torch.get_num_threads()
+    try:
+        assert main(["train", str(runs / "tiny.yaml"), "--out", str(runs / "fsdp_as_one"), *resume]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    # the sharded initialisation and checkpoint continue exactly where DDP would have been
     assert_same_weights(runs / "fsdp" / "model", runs / "ddp" / "model", atol=1e-6)
+    assert_same_weights(runs / "fsdp_as_ddp" / "model", runs / "ddp" / "model", atol=1e-6)
+    # one process: the loss is one global mean instead of scaled shares (float noise, as above)
+    assert_same_weights(runs / "fsdp_as_one" / "model", runs / "ddp" / "model", atol=1e-4)
 
 
 def test_refused_out_dir_is_reported_once_and_untouched(runs):

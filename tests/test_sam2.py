@@ -246,8 +246,7 @@ SIZES = {
 def scaled_spec(name):
     _, rule, global_blocks, changes = SIZES[name]
     spec = scale(hfactory.load_preset(NAME), rule, name=name)
-    # the blocks list is replaced whole (with_changes addresses mappings, not list items)
-    return spec.with_changes({**changes, "stages.2.blocks": [{"at": global_blocks, "token_mixer": "attention"}]})
+    return spec.with_changes({**changes, "stages.2.blocks.0.at": global_blocks})
 
 
 def block_layout(blocks):

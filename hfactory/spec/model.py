@@ -335,7 +335,7 @@ def default_downsample(stage_index: int, as_dict: bool = False):
     return StageSpec.model_validate({"embedding": 1, "downsample": data}).downsample
 
 
-_SECTIONS = {"spec": EncoderSpec, "stage": StageSpec, "defaults": StageDefaults, "head": HeadSpec, "mae": MAESpec}
+_SECTIONS = {"spec": EncoderSpec, "stage": StageSpec, "block": BlockOverride, "defaults": StageDefaults, "head": HeadSpec, "mae": MAESpec}
 
 
 def _inherited(root: dict, key: str, stage_index: int) -> Any:

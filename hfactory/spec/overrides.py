@@ -1,4 +1,5 @@
-"""Dotted-path changes to a spec's data (``stages.2.depth=9``, ``stages.*.token_mixer.kind``):
+"""Dotted-path changes to a spec's data (``stages.2.depth=9``, ``stages.*.token_mixer.kind``,
+``stages.2.blocks.0.at``: a per-block override entry by position):
 the engine behind :meth:`hfactory.EncoderSpec.with_changes`, ``--set`` and sweeps.
 
 It works on a spec dumped to JSON-like data and is given the section models by its caller, so it
@@ -78,6 +79,8 @@ def _descend(node: Any, kind: str, tokens: list[str], value: Any, done: str, mod
         return
     if key == "stages":
         _descend(node[key], "stages", rest, value, path, models, inherited, root)
+    elif key == "blocks" and kind == "stage":
+        _descend_block(node.get(key) or [], rest, value, path, models, inherited, root)
     elif key in _COMPONENT_FIELDS:
         sub = node.get(key)
         if sub is None and kind == "stage":
@@ -96,12 +99,37 @@ def _descend(node: Any, kind: str, tokens: list[str], value: Any, done: str, mod
         raise OverrideError(".".join([path, *rest]), f"{key!r} is a value, not a mapping")
 
 
+def _descend_block(entries: list, tokens: list[str], value: Any, done: str, models: Mapping[str, type],
+                   inherited: Callable[[dict, str, int], Any], root: dict) -> None:
+    """``stages.N.blocks.K.<field>``: one of the stage's per-block override entries (a list, so
+    addressed by position; ``*`` for all of them). A component inside the entry is changed like a
+    stage's (``stages.2.blocks.0.token_mixer.window_size``); the entry must set it already."""
+    key, rest = tokens[0], tokens[1:]
+    path = f"{done}.{key}"
+    if not entries:
+        raise OverrideError(path, "the stage has no per-block overrides; set the whole list, e.g. "
+                            f"{done}: [{{at: [0], token_mixer: attention}}]")
+    if key == "*":
+        targets = range(len(entries))
+    else:
+        try:
+            targets = [int(key)]
+        except ValueError:
+            raise OverrideError(path, f"an entry index (0-{len(entries) - 1}) or '*' was expected") from None
+        if not -len(entries) <= targets[0] < len(entries):
+            raise OverrideError(path, f"no such entry; the stage has {len(entries)} (0-{len(entries) - 1})")
+    if not rest:
+        raise OverrideError(path, f"name a field of the entry, e.g. {path}.at")
+    for i in targets:
+        _descend(entries[i], "block", rest, copy.deepcopy(value), f"{done}.{i}", models, inherited, root)
+
+
 def apply_changes(data: dict, changes: Mapping[str, Any], models: Mapping[str, type],
                   inherited: Callable[[dict, str, int], Any]) -> dict:
     """Set the values of ``changes`` (``{dotted path: value}``, in order) in ``data``, a spec dumped
     to JSON-like data, and return it (changed in place).
 
-    ``models`` maps the section names ``spec``, ``stage``, ``defaults``, ``head`` and ``mae`` to their
+    ``models`` maps the section names ``spec``, ``stage``, ``block``, ``defaults``, ``head`` and ``mae`` to their
     pydantic models (their fields are the valid keys); ``inherited(root, key, stage_index)`` gives
     the component a stage uses for ``key`` when it sets none (the spec's default, else the
     library's), which a change to one of its options copies into the stage.

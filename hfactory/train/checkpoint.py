@@ -5,13 +5,20 @@ Layout of ``--out DIR``::
     run.json            spec hash + name and the run's config (written when the run starts);
                         a pretraining run adds task: mae_pretrain and its mask_ratio
     checkpoint/         the last good checkpoint (replaced as a whole, see save_checkpoint)
-        model.safetensors   weights; metadata: spec_hash, step
+        model.safetensors   weights; metadata: spec_hash, step            (runs without --fsdp)
+        dcp/                sharded weights + optimizer states, a          (--fsdp runs)
+                            torch.distributed.checkpoint directory: .metadata and one
+                            __<rank>_0.distcp per process that wrote it
         spec.yaml           the spec
-        state.pt            optimizer, scheduler, RNG states, epoch, step, ... (plain tensors/dicts)
+        state.pt            scheduler, RNG states, epoch, step, ... (plain tensors/dicts); the
+                            optimizer state too without --fsdp; format: "dcp" with --fsdp
     metrics.jsonl       one JSON line per finished epoch
     metrics.json        final metrics (written at the end)
     model/              the final model: save_pretrained(), loadable with hfactory.models.load
     encoder/            (pretraining only) the pretrained encoder alone, for --init-from
+
+Either kind of checkpoint resumes with any number of processes, with or without ``--fsdp``
+(a ``dcp/`` checkpoint is read by one process with ``no_dist``; see :mod:`.distributed`).
 
 Every file is written atomically (a temporary file in the same directory, then ``os.replace``),
 and a checkpoint is first written complete into ``checkpoint.new/`` and then swapped in, so a
@@ -24,7 +31,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -33,14 +40,16 @@ from ..errors import UsageError
 from ..io import SPEC_NAME, WEIGHTS_NAME, load_checked, spec_hash, spec_hashes
 from ..spec.io import dump_spec, load_any_spec
 
-__all__ = ["RUN_FILE", "CHECKPOINT_DIR", "MODEL_DIR", "STATE_NAME", "atomic_path", "write_json",
-           "check_out_dir", "read_run", "save_checkpoint", "save_model_dir", "find_checkpoint", "load_checkpoint",
-           "checked_model_dir"]
+__all__ = ["RUN_FILE", "CHECKPOINT_DIR", "MODEL_DIR", "STATE_NAME", "DCP_DIR", "atomic_path", "write_json",
+           "check_out_dir", "read_run", "save_checkpoint", "save_sharded_checkpoint", "save_model_dir",
+           "find_checkpoint", "load_checkpoint", "is_sharded", "checked_model_dir"]
 
 RUN_FILE = "run.json"
 CHECKPOINT_DIR = "checkpoint"
 MODEL_DIR = "model"
 STATE_NAME = "state.pt"
+DCP_DIR = "dcp"  # a sharded checkpoint's torch.distributed.checkpoint directory
+DCP_METADATA = ".metadata"  # written last by DCP: its presence marks the shards complete
 METRIC_FILES = ("metrics.jsonl", "metrics.json")
 
 def write_json(path: Path, data: Any) -> None:
@@ -111,15 +120,22 @@ def save_checkpoint(out: Path, model: torch.nn.Module, state: dict,
     """
     from safetensors.torch import save_file
 
-    final, new, old = out / CHECKPOINT_DIR, out / (CHECKPOINT_DIR + ".new"), out / (CHECKPOINT_DIR + ".old")
+    new = out / (CHECKPOINT_DIR + ".new")
     shutil.rmtree(new, ignore_errors=True)
     new.mkdir(parents=True)
     weights = {k: v.detach().contiguous().cpu() for k, v in (weights or model.state_dict()).items()}
     with atomic_path(new / WEIGHTS_NAME) as tmp:
         save_file(weights, str(tmp), metadata={"spec_hash": state["spec_hash"], "step": str(state["step"]),
                                                "format": "pt"})
+    return _finish_checkpoint(out, model.spec, state)
+
+
+def _finish_checkpoint(out: Path, spec, state: dict) -> Path:
+    """Write the spec and ``state`` into ``checkpoint.new`` (the state last: it marks the
+    checkpoint complete) and swap it in for ``checkpoint``."""
+    final, new, old = out / CHECKPOINT_DIR, out / (CHECKPOINT_DIR + ".new"), out / (CHECKPOINT_DIR + ".old")
     with atomic_path(new / SPEC_NAME) as tmp:
-        tmp.write_text(dump_spec(model.spec), encoding="utf-8")
+        tmp.write_text(dump_spec(spec), encoding="utf-8")
     with atomic_path(new / STATE_NAME) as tmp:  # last: its presence marks the checkpoint complete
         torch.save(state, tmp)
     if final.exists():
@@ -128,6 +144,36 @@ def save_checkpoint(out: Path, model: torch.nn.Module, state: dict,
     os.replace(new, final)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_sharded_checkpoint(out: Path, spec, state: Optional[dict], write_shards: Callable[[Path], None],
+                            barrier: Callable[[], None], is_main: bool) -> Optional[Path]:
+    """Write ``out/checkpoint`` of a sharded (FSDP) run, as :func:`save_checkpoint` does but with
+    ``dcp/`` instead of ``model.safetensors``; a collective: every process calls it.
+
+    Rank 0 (``is_main``) empties ``checkpoint.new/``; after ``barrier()`` every process calls
+    ``write_shards(checkpoint.new/dcp)`` (:func:`.fsdp.save_sharded`: each writes its
+    shards, rank 0 the metadata); then rank 0 writes the spec and ``state`` (which must hold
+    ``step``, ``spec_hash``; ``format: "dcp"`` is added) and swaps the checkpoint in. The
+    directory must be on a file system every process sees. Returns the checkpoint directory
+    (rank 0) or None.
+    """
+    new = out / (CHECKPOINT_DIR + ".new")
+    if is_main:
+        shutil.rmtree(new, ignore_errors=True)
+        new.mkdir(parents=True)
+    barrier()
+    write_shards(new / DCP_DIR)
+    barrier()
+    final = _finish_checkpoint(out, spec, {**state, "format": "dcp"}) if is_main else None
+    barrier()
+    return final
+
+
+def is_sharded(path: Path) -> bool:
+    """Whether the checkpoint directory ``path`` holds DCP shards (an FSDP run's) rather than
+    ``model.safetensors``."""
+    return (path / DCP_DIR / DCP_METADATA).is_file() and not (path / WEIGHTS_NAME).is_file()
 
 
 def save_model_dir(directory: Path, spec, weights: dict[str, torch.Tensor]) -> Path:
@@ -151,13 +197,19 @@ def find_checkpoint(out: Path) -> Optional[Path]:
     """
     for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".new", CHECKPOINT_DIR + ".old"):
         path = out / name
-        if all((path / f).is_file() for f in (WEIGHTS_NAME, SPEC_NAME, STATE_NAME)):
+        if all((path / f).is_file() for f in (SPEC_NAME, STATE_NAME)) and (
+                (path / WEIGHTS_NAME).is_file() or (path / DCP_DIR / DCP_METADATA).is_file()):
             return path
     return None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, expected_hash: str) -> dict:
+def load_checkpoint(path: Path, model: torch.nn.Module, expected_hash: str, weights: bool = True) -> dict:
     """Load the checkpoint at ``path`` into ``model`` and return its state dict (``state.pt``).
+
+    Without ``weights`` (``model`` is sharded), and for a sharded checkpoint (``dcp/``, see
+    :func:`is_sharded`), the weights are only checked against ``model`` (names and shapes), not
+    loaded: :func:`.fsdp.load_sharded` (or, for ``model.safetensors`` into a sharded model,
+    ``set_model_state_dict``) loads them once the optimizer exists.
 
     Raises:
         UsageError (a ValueError): the checkpoint's spec hash is not ``expected_hash``, its weights and state
@@ -167,8 +219,12 @@ def load_checkpoint(path: Path, model: torch.nn.Module, expected_hash: str) -> d
     from safetensors.torch import load_file
 
     state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
-    with safe_open(str(path / WEIGHTS_NAME), "pt") as f:
-        meta = f.metadata() or {}
+    sharded = is_sharded(path)
+    if sharded:
+        meta = {"spec_hash": state.get("spec_hash"), "step": str(state["step"])}  # one writer: state.pt
+    else:
+        with safe_open(str(path / WEIGHTS_NAME), "pt") as f:
+            meta = f.metadata() or {}
     saved_spec = load_any_spec(path / SPEC_NAME)
     recorded = {state.get("spec_hash"), meta.get("spec_hash")}
     if spec_hash(saved_spec) != expected_hash or not recorded <= spec_hashes(saved_spec):
@@ -178,8 +234,42 @@ def load_checkpoint(path: Path, model: torch.nn.Module, expected_hash: str) -> d
     if meta.get("step") != str(state["step"]):
         raise UsageError(f"checkpoint {path}: weights are from step {meta.get('step')} but the optimizer state "
                          f"from step {state['step']}; the checkpoint is inconsistent")
-    load_checked(model, load_file(str(path / WEIGHTS_NAME)), source=str(path / WEIGHTS_NAME))
+    if sharded:
+        _check_shapes(model, _dcp_shapes(path / DCP_DIR), str(path / DCP_DIR))
+    elif weights:
+        load_checked(model, load_file(str(path / WEIGHTS_NAME)), source=str(path / WEIGHTS_NAME))
+    else:
+        with safe_open(str(path / WEIGHTS_NAME), "pt") as f:
+            _check_shapes(model, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, str(path / WEIGHTS_NAME))
     return state
+
+
+def _dcp_shapes(directory: Path) -> dict[str, tuple]:
+    """Name -> global shape of the model tensors in a DCP checkpoint (its ``.metadata``)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    shapes = {}
+    for key, item in FileSystemReader(str(directory)).read_metadata().state_dict_metadata.items():
+        if key.startswith("model.") and hasattr(item, "size"):
+            shapes[key[len("model."):]] = tuple(item.size)
+    return shapes
+
+
+def _check_shapes(model: torch.nn.Module, saved: dict[str, tuple], source: str) -> None:
+    """Refuse saved tensors whose names or shapes do not fit ``model``'s state dict (global shapes,
+    also for a sharded model).
+
+    Raises:
+        UsageError: naming the missing, unexpected and mismatched keys.
+    """
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing, unexpected = sorted(want.keys() - saved.keys()), sorted(saved.keys() - want.keys())
+    wrong = sorted(f"{k} {saved[k]} (model: {want[k]})" for k in want.keys() & saved.keys() if saved[k] != want[k])
+    if missing or unexpected or wrong:
+        parts = [f"{label}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
+                 for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong))
+                 if items]
+        raise UsageError(f"{source} does not fit the model: {'; '.join(parts)}")
 
 
 def checked_model_dir(path: Path) -> Path:

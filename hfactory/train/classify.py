@@ -143,6 +143,10 @@ class ClassificationTask(Task):
             self.messages.append(f"the data {self.config.data} has {n} classes: num_classes {old} -> {n}; the "
                                  f"classifier is new (randomly initialised), the rest starts from {self.source}")
 
+    @property
+    def initial_weights(self) -> bool:
+        return self.source is not None or self.init_from is not None
+
     def check_data(self, data: DataBundle) -> None:
         if data.num_classes != self.spec.num_classes:
             fix = (f"add --set num_classes={data.num_classes}" if hasattr(self.spec, "with_changes") else
@@ -157,7 +161,8 @@ class ClassificationTask(Task):
     def start(self, model: nn.Module, data: DataBundle, ctx: DistContext) -> None:
         for message in self.messages:
             log_main(ctx, message)
-        if ctx.is_main and next(model.parameters()).device.type == "cpu":
+        # (not for a sharded model: its forward is a collective)
+        if ctx.is_main and not self.config.fsdp and next(model.parameters()).device.type == "cpu":
             from .estimate import epoch_time_warning
 
             image = data.train[0][0].unsqueeze(0)

@@ -29,11 +29,7 @@ What makes N processes train like one (``tests/test_distributed.py`` checks it):
   model; every process checks the run directory and data first, and if any fails all exit
   (rank 0 prints the message).
 
-FSDP2 (``--fsdp``): ``torch.distributed.fsdp.fully_shard`` on every stage, then on the whole
-model; parameters, gradients and AdamW states are sharded over the processes, gathered per stage
-for its forward and backward. The model is first built whole in each process (same seed), then
-sharded; checkpoints hold full (unsharded) weights and optimizer states gathered to rank 0, in
-the same format as one-process runs, so any run resumes with any number of processes.
+FSDP2 (``--fsdp``): :mod:`.fsdp` (sharding, shard-by-shard initialisation, sharded checkpoints).
 """
 
 from __future__ import annotations
@@ -203,8 +199,8 @@ def agree(ctx: DistContext, fn: Callable[[], Any]) -> Any:
 
 
 def wrap_model(model: nn.Module, ctx: DistContext, device: torch.device, fsdp: bool) -> nn.Module:
-    """DDP around ``model`` (already on ``device``), or FSDP2 (``fully_shard`` per stage, then
-    the root) when ``fsdp``; ``model`` itself for one process without ``fsdp``.
+    """DDP around ``model`` (already on ``device``), or FSDP2 (:func:`.fsdp.shard_model`) when ``fsdp``;
+    ``model`` itself for one process without ``fsdp``.
 
     Raises:
         UsageError (a ValueError): ``fsdp`` without torchrun (needs a process group).
@@ -212,14 +208,9 @@ def wrap_model(model: nn.Module, ctx: DistContext, device: torch.device, fsdp: b
     if fsdp:
         if not ctx.enabled:
             raise UsageError("--fsdp needs several processes: torchrun --nproc_per_node=N -m hfactory train ...")
-        from torch.distributed.fsdp import fully_shard
+        from .fsdp import shard_model
 
-        # Stages are sharded one by one; a model without stages (SFT, whose codecs run through
-        # forward_step rather than their own forward, which FSDP's hooks need) as one unit.
-        for stage in getattr(model, "stages", ()):
-            fully_shard(stage)
-        fully_shard(model)
-        return model
+        return shard_model(model)
     if not ctx.enabled:
         return model
     from torch.nn.parallel import DistributedDataParallel
@@ -243,26 +234,9 @@ def full_state_dict(model: nn.Module, ctx: DistContext, fsdp: bool) -> dict[str,
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, ctx: DistContext, fsdp: bool) -> dict:
-    """``optimizer.state_dict()`` in the one-process format (parameter indices as keys); under
-    FSDP gathered from the shards to rank 0 (a collective; the other processes get ``{}``)."""
-    if not fsdp:
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
-                                                                             cpu_offload=True))
-    if not ctx.is_main:  # with cpu_offload the full state lands on rank 0 only
-        return {}
-    index = _fqn_index(model, optimizer)
-    groups = []
-    for group in full["param_groups"]:
-        groups.append({**group, "params": [index[name] for name in group["params"]]})
-    return {"state": {index[name]: s for name, s in full["state"].items()}, "param_groups": groups}
-
-
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, fsdp: bool) -> None:
-    """Load a one-process-format optimizer state (see :func:`full_optimizer_state`)."""
+    """Load a one-process-format optimizer state (``optimizer.state_dict()``: parameter indices as
+    keys), also into a sharded (FSDP) model's optimizer."""
     if not fsdp:
         optimizer.load_state_dict(state)
         return
@@ -272,6 +246,15 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     full = {"state": {names[i]: s for i, s in state["state"].items()},
             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
     set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
+
+
+def load_full_weights(model: nn.Module, path) -> None:
+    """Load the full state dict of the safetensors file ``path`` (a checkpoint of a run without
+    ``--fsdp``) into a sharded model: each process reads the file and keeps its shards."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, load_file(str(path)), options=StateDictOptions(full_state_dict=True))
 
 
 def _fqn_index(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:

@@ -43,6 +43,7 @@ from ..errors import NonFiniteLossError, UsageError
 from ..io import spec_hash
 from . import checkpoint as ckpt
 from . import distributed as D
+from . import fsdp
 from .data import DataBundle, load_data
 from .distributed import DistContext, GlobalBatchSampler, agree, shard_positions
 
@@ -183,6 +184,7 @@ class Task:
         run_fields: extra ``run.json`` fields (e.g. ``{"task": "mae_pretrain"}``).
         metric_keys: keys of :meth:`evaluate`'s result that go into ``metrics.jsonl`` (after
             ``train_loss``) and the epoch line; ``test_loss`` must be one (a non-finite one stops).
+        initial_weights: :meth:`init_weights` loads weights into a new run's model.
         preprocess: ImageFolder preprocessing (``mean``, ``std``, ``crop_pct``, ``crop_mode``,
             ``interpolation``; :func:`.data.image_transform`), e.g. the pretrained config of the
             weights a fine-tuning run starts from; None: the defaults.
@@ -196,6 +198,9 @@ class Task:
     run_fields: dict = {}
     metric_keys: tuple[str, ...] = ("test_loss",)
     preprocess: Optional[dict] = None
+    #: a new run loads initial weights in :meth:`init_weights` (then ``--fsdp`` builds the model
+    #: whole before sharding it, since weight loaders need the whole model)
+    initial_weights: bool = False
 
     def check_out(self, out: Path) -> None:
         """Refuse ``out`` for task-specific reasons before :func:`.checkpoint.check_out_dir` runs
@@ -279,21 +284,25 @@ def _fit(task: Task, out: Path, config, resume: bool, ctx: DistContext, device: 
 
         warning = contention_warning(torch.get_num_threads())
         if warning:
-            log_main(ctx, warning)
+            D.log_main(ctx, warning)
     if data.in_memory:  # move once; batches are then slices on the device
         data.train.tensors = tuple(t.to(device) for t in data.train.tensors)
         data.test.tensors = tuple(t.to(device) for t in data.test.tensors)
 
     torch.manual_seed(config.seed)
-    model = task.build().to(device)
+    found = ckpt.find_checkpoint(out) if resuming else None
+    # --fsdp: built shard by shard, never whole (fsdp.build_sharded), unless a new run starts
+    # from other weights (--pretrained, --init-from), whose loaders need the whole model
+    sharded = config.fsdp and (found is not None or not task.initial_weights)
+    model = fsdp.build_sharded(task.build, device, init=found is None) if sharded else task.build().to(device)
     task.start(model, data, ctx)
     hash_ = spec_hash(spec)
-    n_params = sum(p.numel() for p in model.parameters())
-    found = ckpt.find_checkpoint(out) if resuming else None
-    state = agree(ctx, lambda: ckpt.load_checkpoint(found, model, hash_)) if found is not None else None
+    n_params = sum(p.numel() for p in model.parameters())  # global counts, also of sharded parameters
+    state = (agree(ctx, lambda: ckpt.load_checkpoint(found, model, hash_, weights=not sharded))
+             if found is not None else None)
     if state is None:
         task.init_weights(model, ctx)
-    wrapped = D.wrap_model(model, ctx, device, config.fsdp)  # FSDP shards `model` itself
+    wrapped = model if sharded else D.wrap_model(model, ctx, device, config.fsdp)  # FSDP shards `model` itself
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay, getattr(config, "layer_decay", None),
                                                lr=config.lr), lr=config.lr, betas=task.betas)
     scheduler, schedule = _schedule(optimizer, config, len(data.train))
@@ -303,7 +312,7 @@ def _fit(task: Task, out: Path, config, resume: bool, ctx: DistContext, device: 
 
     # Progress of the run: where the loop starts, and the running sums of a partly done epoch.
     epoch, step, step_in_epoch, elapsed, partial = _restore(state, resuming, out, model, optimizer, scheduler,
-                                                            schedule, config, ctx, gen, task.rng_key)
+                                                            schedule, config, ctx, gen, task.rng_key, found)
 
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -465,10 +474,12 @@ def _restore_rng(state: dict, ctx: DistContext, seed: int) -> None:
 
 
 def _restore(state: Optional[dict], resuming: bool, out: Path, model: nn.Module, optimizer, scheduler,
-             schedule: WarmupCosine, config, ctx: DistContext, gen: torch.Generator, rng_key: str):
+             schedule: WarmupCosine, config, ctx: DistContext, gen: torch.Generator, rng_key: str,
+             found: Optional[Path] = None):
     """Where a run starts: ``(epoch, step, step_in_epoch, elapsed_s, partial sums)``, from the
-    checkpoint ``state`` (optimizer, schedule, RNGs and the task's generator ``gen`` restored)
-    or from the beginning.
+    checkpoint ``state`` read from ``found`` (optimizer, schedule, RNGs and the task's generator
+    ``gen`` restored; the weights too where :func:`.checkpoint.load_checkpoint` could not load
+    them: a sharded checkpoint, or a sharded model) or from the beginning.
 
     Raises:
         UsageError: ``--stop-at-step`` at or before the step the run has already reached.
@@ -478,13 +489,20 @@ def _restore(state: Optional[dict], resuming: bool, out: Path, model: nn.Module,
     if state is not None:
         # This config's schedule, copied first: load_state_dict overwrites `schedule`'s numbers with the run's.
         fresh = WarmupCosine(schedule.warmup, schedule.total)
-        saved_groups, groups = len(state["optimizer"].get("param_groups", ())), len(optimizer.param_groups)
+        saved_groups = (len(state["optimizer"].get("param_groups", ())) if "optimizer" in state
+                        else state["optimizer_groups"])
+        groups = len(optimizer.param_groups)
         if saved_groups != groups:
             raise UsageError(f"the checkpoint's optimizer has {saved_groups} parameter groups but this configuration "
                              f"makes {groups}: --layer-decay was switched on or off since the run started; resume "
                              f"with the run's setting (layer_decay {_recorded(out, 'layer_decay')})")
         scales = [{k: g[k] for k in ("lr_scale", "decays", "layer_id") if k in g} for g in optimizer.param_groups]
-        D.load_optimizer_state(model, optimizer, state["optimizer"], config.fsdp)
+        if ckpt.is_sharded(found):  # weights and optimizer from the DCP shards, any process count
+            fsdp.load_sharded(found / ckpt.DCP_DIR, model, optimizer, config.fsdp)
+        else:
+            if config.fsdp:  # a full checkpoint (a run without --fsdp) into a sharded model
+                D.load_full_weights(model, found / ckpt.WEIGHTS_NAME)
+            D.load_optimizer_state(model, optimizer, state["optimizer"], config.fsdp)
         scheduler.load_state_dict(state["scheduler"])
         _apply_config(optimizer, scheduler, fresh, config, scales)
         _restore_rng(state, ctx, config.seed)
@@ -502,16 +520,19 @@ def _restore(state: Optional[dict], resuming: bool, out: Path, model: nn.Module,
 def _save(out: Path, model: nn.Module, optimizer, scheduler, config, ctx: DistContext, hash_: str,
           gen: torch.Generator, rng_key: str, progress: dict) -> None:
     """Write a checkpoint (weights, optimizer, schedule, RNGs, the task's generator under
-    ``rng_key``, and ``progress``); a collective: every process calls it, rank 0 writes."""
-    weights = D.full_state_dict(model, ctx, config.fsdp)
-    optim_state = D.full_optimizer_state(model, optimizer, ctx, config.fsdp)
+    ``rng_key``, and ``progress``); a collective: every process calls it, rank 0 writes (under
+    FSDP every process writes its shards, :func:`.checkpoint.save_sharded_checkpoint`)."""
     rng_states = ctx.gather_objects(torch.get_rng_state())
-    if ctx.is_main:  # plain tensors and values only
-        snapshot = {"spec_hash": hash_, **progress, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
-                    "torch_rng": rng_states[0], rng_key: gen.get_state()}
-        if ctx.enabled:
-            snapshot["torch_rng_ranks"] = rng_states
-        ckpt.save_checkpoint(out, model, snapshot, weights=weights)
+    snapshot = {"spec_hash": hash_, **progress, "scheduler": scheduler.state_dict(), "torch_rng": rng_states[0],
+                rng_key: gen.get_state()}  # plain tensors and values only
+    if ctx.enabled:
+        snapshot["torch_rng_ranks"] = rng_states
+    if config.fsdp:  # sharded: every process writes its shards (weights and optimizer states)
+        ckpt.save_sharded_checkpoint(out, model.spec, {**snapshot, "optimizer_groups": len(optimizer.param_groups)},
+                                     lambda path: fsdp.save_sharded(path, model, optimizer, ctx.enabled), ctx.barrier, ctx.is_main)
+        return
+    if ctx.is_main:
+        ckpt.save_checkpoint(out, model, {**snapshot, "optimizer": optimizer.state_dict()})
     ctx.barrier()
 
 
