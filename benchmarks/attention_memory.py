@@ -40,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import cpu_model, write_results
+from common import cpu_model, machine_line, write_results
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
@@ -205,7 +205,8 @@ def collect(log=print) -> dict:
     facts = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
              "cpu_count": os.cpu_count(), "cpu_model": cpu_model(), "torch": torch.__version__,
              "python": platform.python_version(), "mem_total": mem_total_bytes(), "mem_available": available,
-             "threads": THREADS, "load_start": os.getloadavg()}
+             "threads": THREADS, "load_start": os.getloadavg(),
+             "machine": machine_line(THREADS)}
     rows = []
     for img in IMAGES:
         n = tokens_of(img)
@@ -352,9 +353,9 @@ def section(data: dict) -> str:
             f"Reproduce (from the repository root): `{COMMAND}` (without `--write` it only prints).",
             "",
             f"- Date: {f['date']}",
-            f"- Machine: {f['cpu_count']} CPUs ({f['cpu_model']}), {fmt_bytes(f['mem_total'])} RAM "
+            f"- Machine: {f['cpu_count']} CPUs, {f['machine']}; {fmt_bytes(f['mem_total'])} RAM "
             f"({fmt_bytes(f['mem_available'])} available at start), no GPU; `torch.set_num_threads({f['threads']})`",
-            f"- torch {f['torch']}, Python {f['python']}",
+            f"- Python {f['python']}",
             f"- Load average (1/5/15 min) at start {'/'.join(f'{x:.2f}' for x in f['load_start'])}, at end "
             f"{'/'.join(f'{x:.2f}' for x in f['load_end'])} (other jobs share this machine)",
             "", table(data), ""]

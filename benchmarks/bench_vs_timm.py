@@ -21,7 +21,7 @@ import datetime as _dt
 import platform
 import sys
 
-from common import ROOT, append_results, cpu_model, cpus, load_average
+from common import ROOT, append_results, cpus, load_average, machine_line
 
 
 def main() -> int:
@@ -76,8 +76,8 @@ def main() -> int:
         + " ".join(sys.argv[1:]) + "`",
         "",
         f"- Date: {started:%Y-%m-%d %H:%M} UTC",
-        f"- Machine: {cpus()} CPUs ({cpu_model()}), no GPU; `torch.set_num_threads({args.threads})`",
-        f"- torch {torch.__version__}, timm {timm.__version__}, Python {platform.python_version()}",
+        f"- Machine: {cpus()} CPUs, {machine_line(args.threads)}; no GPU; `torch.set_num_threads({args.threads})`",
+        f"- timm {timm.__version__}, Python {platform.python_version()}",
         f"- Load average (1/5/15 min) at start {load_start}, at end "
         f"{load_end} (other jobs share this machine)",
         "",

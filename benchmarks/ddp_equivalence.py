@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, append_results, load_average
+from common import ROOT, append_results, load_average, machine_line
 
 
 def main() -> int:
@@ -85,8 +85,8 @@ def main() -> int:
         + " ".join(sys.argv[1:]) + "`",
         "",
         f"- Date: {started:%Y-%m-%d %H:%M} UTC",
-        f"- Machine: {len(os.sched_getaffinity(0))} CPUs, no GPU; torch {torch.__version__}, Python "
-        f"{platform.python_version()}",
+        f"- Machine: {len(os.sched_getaffinity(0))} CPUs, {machine_line(torch.get_num_threads())} in this "
+        f"process (each torchrun process sets its own); no GPU; Python {platform.python_version()}",
         f"- Load average (1/5/15 min) at start {load_start}, at end "
         f"{load_end} (other jobs share this machine)",
         "",

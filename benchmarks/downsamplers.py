@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
 
-from common import ROOT, interleaved_train_infer, load_average
+from common import ROOT, interleaved_train_infer, load_average, machine_line
 EXAMPLE = ROOT / "examples" / "caformer_s18_downsamplers.yaml"
 CONV_INIT = {"kind": "conv", "patch_size": 3, "stride": 2, "padding": 1, "pre_norm": True,
              "norm": {"kind": "layernorm", "eps": 1e-6, "bias": False}}
@@ -126,12 +125,10 @@ def main(argv=None) -> int:
         print(f"# {case}: measured", file=sys.stderr)
     times = timed(cases, args.batch, args.rounds, args.threads)
     load1 = load_average()
-    import torch
 
     base = "conv (base)" if "conv (base)" in cases else None
-    print(f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {os.cpu_count()} CPUs "
-          f"({platform.processor() or platform.machine()}), no GPU; torch {torch.__version__}, "
-          f"`torch.set_num_threads({args.threads})`; batch {args.batch} at 224x224, fp32; {args.rounds} interleaved "
+    print(f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {os.cpu_count()} CPUs, "
+          f"{machine_line(args.threads)}; no GPU; `torch.set_num_threads({args.threads})`; batch {args.batch} at 224x224, fp32; {args.rounds} interleaved "
           "rounds after one warm-up call of each model")
     print(f"- Load average (1/5/15 min) at start {load0}, at end "
           f"{load1} (other jobs share this machine)")

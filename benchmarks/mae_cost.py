@@ -27,7 +27,7 @@ import sys
 import time
 import warnings
 
-from common import ROOT, cpus, load_average
+from common import ROOT, cpus, load_average, machine_line
 
 
 def main() -> int:
@@ -110,8 +110,10 @@ def main() -> int:
     def paired(a, b) -> float:
         return statistics.median(x / y for x, y in zip(a, b))
 
-    rows = [("hfactory step, mask 0.6 / mask 0.02 (target <= 0.62)",
-             paired(times[("ours", 0.6)], times[("ours", 0.02)]))]
+    # The whole step has no sparsity target: the decoder runs on every token whatever the mask,
+    # so for mae_hiera_tiny_224 its FLOPs put the step's floor at ~0.656 (RESULTS.md). Sparsity
+    # acts in the encoder, whose ratio is read against the kept fraction below.
+    rows = [("hfactory step, mask 0.6 / mask 0.02", paired(times[("ours", 0.6)], times[("ours", 0.02)]))]
     if with_ref:
         rows += [
             ("hiera step, mask 0.6 / mask 0.02 (reference, same masks)",
@@ -121,12 +123,14 @@ def main() -> int:
             ("speed hfactory vs hiera at mask 0.02", paired(times[("hiera", 0.02)], times[("ours", 0.02)])),
         ]
     if not args.no_encoder:
-        rows.append(("hfactory encoder alone (sparse fwd + bwd), mask 0.6 / mask 0.02", paired(enc[0.6], enc[0.02])))
+        kept = {r: int(random_mask(1, units, r).sum()) for r in ratios}  # mask units kept (True = visible)
+        rows.append((f"hfactory encoder alone (sparse fwd + bwd), mask 0.6 / mask 0.02 (kept fraction "
+                     f"{kept[0.6]}/{kept[0.02]} = {kept[0.6] / kept[0.02]:.3f})", paired(enc[0.6], enc[0.02])))
     load_end = load_average()
     lines = [
         f"- Date: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- Machine: {cpus()} CPUs, no GPU; torch {torch.__version__}, Python {platform.python_version()}; "
-        f"{args.threads} threads, {'CPU time of the calling thread' if args.cpu_time else 'wall-clock'}; "
+        f"- Machine: {cpus()} CPUs, {machine_line(args.threads)}; no GPU; Python {platform.python_version()}; "
+        f"{'CPU time of the calling thread' if args.cpu_time else 'wall-clock'}; "
         f"spec {args.spec}, batch {args.batch}, {hw[0]}x{hw[1]}, {units} mask units, fp32, "
         f"{args.rounds} rounds after {args.warmup} warm-up",
         f"- Load average (1/5/15 min) at start {load_start}, at end {load_end} (other jobs share this machine)",

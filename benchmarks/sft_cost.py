@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
 
-from common import ROOT, interleaved_train_infer, load_average
+from common import ROOT, interleaved_train_infer, load_average, machine_line
 WIDTHS = [64, 128, 256, 512, 512]
 GROUPS = [7, 8, 8, 8]
 
@@ -107,12 +106,10 @@ def main(argv=None) -> int:
         print(f"# L={lv} P={p}: measured", file=sys.stderr)
     times = timed(cases, args.batch, args.rounds, args.threads)
     load1 = load_average()
-    import torch
 
     first = cases[0]
-    print(f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {os.cpu_count()} CPUs "
-          f"({platform.processor() or platform.machine()}), no GPU; torch {torch.__version__}, "
-          f"`torch.set_num_threads({args.threads})`; batch {args.batch} at 224x224, fp32; {args.rounds} interleaved "
+    print(f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {os.cpu_count()} CPUs, "
+          f"{machine_line(args.threads)}; no GPU; `torch.set_num_threads({args.threads})`; batch {args.batch} at 224x224, fp32; {args.rounds} interleaved "
           "rounds after one warm-up call of each model")
     print(f"- Load average (1/5/15 min) at start {load0}, at end "
           f"{load1} (other jobs share this machine)")

@@ -22,7 +22,7 @@ import platform
 import subprocess
 import sys
 
-from common import ROOT, append_results, load_average
+from common import ROOT, append_results, load_average, machine_line
 
 #: The spec, shared with tests/test_cli.py.
 LARGE = ROOT / "benchmarks" / "specs" / "large_attention.yaml"
@@ -85,8 +85,8 @@ def main() -> int:
         + " ".join(sys.argv[1:]) + "`",
         "",
         f"- Date: {started:%Y-%m-%d %H:%M} UTC",
-        f"- Machine: {len(os.sched_getaffinity(0))} CPUs, no GPU; torch {torch.__version__}, Python "
-        f"{platform.python_version()}",
+        f"- Machine: {len(os.sched_getaffinity(0))} CPUs, {machine_line(torch.get_num_threads())}; no GPU; "
+        f"Python {platform.python_version()}",
         f"- Load average (1/5/15 min) at start {load_start}, at end "
         f"{load_end} (other jobs share this machine)",
         "",

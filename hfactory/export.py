@@ -17,7 +17,6 @@ Python), so size questions and ``hfactory export --help`` (:mod:`hfactory.cli.ex
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import warnings
@@ -307,40 +306,6 @@ def _as_encoder(model_or_spec: Any, spec: EncoderSpec):
     return model_or_spec if isinstance(model_or_spec, HierarchicalEncoder) else build_encoder(spec)
 
 
-@contextlib.contextmanager
-def _traceable(model):
-    """Two work-arounds while ``model`` is traced, each for a Python branch on a tensor size that
-    pins a dynamic dimension (torch.export then adds a guard on it). Both can go once the layer
-    fixes in the report land (they are harmless after):
-
-    - ``TokenLinear`` chooses oneDNN by ``x.numel() > _ONEDNN_MIN`` (hfactory/layers/layout.py,
-      ``TokenLinear.forward``): a guard on the batch, e.g. ``8192*batch <= 20480``, which torch
-      cannot even report (``AssertionError: Expected op to be '==', got <= for batch <= 5/2``).
-      Here the oneDNN path is switched off as if PyTorch had no oneDNN (same values, ~1e-7).
-    - ``HierarchicalEncoder._check_input`` compares ``(H, W)`` with the plan's size before asking
-      ``torch.compiler.is_compiling()``: ``Eq(H, 224)``, so ``H`` is specialised. Here the check is
-      the input's rank and channels only; :func:`export_model` checked the size with the plan.
-
-    Not thread-safe (a module attribute is changed for the duration).
-    """
-    from .layers import layout
-
-    saved_dtypes = layout._ONEDNN_DTYPES
-    in_chans = model.spec.in_chans
-
-    def check_input(x):
-        if x.ndim != 4 or x.shape[1] != in_chans:
-            raise UsageError(f"expected images (B, {in_chans}, H, W), got {tuple(x.shape)}")
-
-    layout._ONEDNN_DTYPES = ()
-    model._check_input = check_input
-    try:
-        yield
-    finally:
-        layout._ONEDNN_DTYPES = saved_dtypes
-        del model._check_input
-
-
 def _refusal(module, shape) -> Optional[str]:
     """Why the exported graph ``module`` (``ExportedProgram.module()``) refuses inputs of
     ``shape``, or None when it takes them.
@@ -396,9 +361,15 @@ def export_model(model_or_spec: Any, format: str = "pt2", dynamic: Union[str, Se
     - ``("batch", "hw")``: also the height and width, as the plan allows (:func:`accepted_sizes`):
       ``H = multiple * Dim(min, max)``. torch.export specialises sizes 0 and 1, so the graph
       needs at least 2 multiples per side (e.g. 64 px for a stride product of 32). When the traced
-      graph refuses the plan's smallest sizes (e.g. Swin's blocks treat a grid no larger than the
-      window differently, so they follow another graph), the minimum is raised until it takes
-      them and the graph is exported again; the result's ``notes`` say so.
+      graph refuses the plan's smallest sizes, the minimum is raised (at most to the traced size)
+      until it takes them and the graph is exported again; the result's ``notes`` say so and name
+      torch's guard. This happens for Swin V2, whose window clipped to a grid no larger than it
+      is another computation (its bias MLP sees the clipped window; the graph starts where every
+      stage's grid exceeds its window: 260 px for ``swinv2_tiny_window8_256``), and for Swin and
+      SAM2 HieraDet, whose graphs torch.export specialises on at least 2 windows per axis in
+      every stage (its reshapes guard ``windows != 1``): 256 px for ``swin_tiny_patch4_window7_224``.
+      Hiera's mask units and SAM2's window padding are symbolic (any size the plan takes, from
+      2 multiples).
 
     Args:
         model_or_spec: a :class:`~hfactory.encoder.HierarchicalEncoder` (its weights are exported),
@@ -474,11 +445,13 @@ def export_model(model_or_spec: Any, format: str = "pt2", dynamic: Union[str, Se
     was_training = model.training
     model.eval()
     try:
-        with _traceable(model):
-            program = _export(model, shape, dyn, rules)
-            if check:
-                program, more = _check_graph(model, program, shape, dyn, rules, sizes)
-                notes += more
+        # No work-arounds needed while tracing: the layers ask torch.compiler.is_compiling() (True
+        # under torch.export) before any Python test on a size (HierarchicalEncoder._check_input's
+        # plan check, TokenLinear's oneDNN route), and window/unit reshapes are symbolic.
+        program = _export(model, shape, dyn, rules)
+        if check:
+            program, more = _check_graph(model, program, shape, dyn, rules, sizes)
+            notes += more
     finally:
         model.train(was_training)
 
@@ -527,8 +500,9 @@ def _check_graph(model, program, shape, dyn, rules, sizes):
     (mh, kh, _), (mw, kw, _) = rules
     module = program.module()
     if _refusal(module, (1, c, kh * mh, kw * mw)) is not None:
-        # Swin-like: the smallest grids take another branch (a window clipped to the grid). Walk up.
-        for step in range(1, _MAX_NARROWING_STEPS + 1):
+        # Swin V2-like: the smallest grids take another branch (a window clipped to the grid, whose
+        # bias is another computation). Walk up, at most to the traced size (taken by construction).
+        for step in range(1, max(_MAX_NARROWING_STEPS, h // mh - kh, w // mw - kw) + 1):
             if _refusal(module, (1, c, (kh + step) * mh, (kw + step) * mw)) is None:
                 break
         else:

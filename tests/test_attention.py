@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import hfactory
 from hfactory.layers import attention as attn_mod
@@ -476,3 +477,23 @@ def test_auto_on_cuda_handles_a_batch_beyond_the_grid_and_biases():
     bias = torch.randn(1, 4, 49, 49, device="cuda", dtype=torch.half)
     torch.testing.assert_close(attention(q, k, v, bias).float(),
                                math_attention(q.float(), k.float(), v.float(), bias.float()), atol=2e-3, rtol=2e-3)
+
+
+def test_cpu_bias_that_needs_a_gradient_runs_plain_math():
+    """On the CPU, ``auto`` sends a biased call whose bias requires grad (a learned relative-position
+    bias in training) to ``math`` (SDPA has no fused CPU kernel for it and its fallback adds a
+    safe-softmax pass); eval, no_grad and fixed biases keep SDPA. Values and gradients equal SDPA's."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 8, generator=g, requires_grad=True) for _ in range(3))
+    learned = torch.randn(1, 3, 9, 9, generator=g, requires_grad=True)
+    assert attn_mod._pick_backend("auto", q, k, v, learned) == "math"
+    assert attn_mod._pick_backend("auto", q, k, v, learned.detach()) == "sdpa"
+    with torch.no_grad():
+        assert attn_mod._pick_backend("auto", q, k, v, learned) == "sdpa"
+    out = attn_mod.attention(q, k, v, learned)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=learned)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v, learned))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v, learned))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -1,6 +1,7 @@
 """torch.compile readiness of the presets (issue 4).
 
-- Every preset, full size (the shipped YAML, not a shortened copy), at its native resolution:
+- Every preset (in the default run one per family, the rest with ``-m slow``: ``SAME_COMPONENTS``),
+  full size (the shipped YAML, not a shortened copy), at its native resolution:
   ``torch._dynamo.explain`` of one ``(1, 3, H, W)`` forward finds exactly one graph and no graph
   break, in eval mode and, for the presets with stochastic depth in training (Swin), in train
   mode too. ``explain`` only traces (no code is generated or run compiled); the full models are
@@ -40,7 +41,15 @@ def explain(model, x):
     return out.graph_count, out.graph_break_count, reasons
 
 
-@pytest.mark.parametrize("name", list_models())
+#: Presets whose components another preset of the default run already traces (HVT's other
+#: pooling counts, ConvFormer's and PoolFormerV2's mixers inside CAFormer / PoolFormer, Hiera-S's
+#: absolute-window embedding beside Hiera-T's): traced with ``-m slow`` only, to keep the suite short.
+SAME_COMPONENTS = {"hvt_s_0", "hvt_s_2", "hvt_s_3", "hvt_s_4", "hvt_ti_1", "convformer_s18", "poolformerv2_s12",
+                   "hiera_small_abswin_256"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SAME_COMPONENTS else n
+                                  for n in list_models()])
 def test_preset_traces_without_graph_breaks(name):
     size = NATIVE.get(name, 224)
     model = hfactory.create_model(name).eval()

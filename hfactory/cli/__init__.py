@@ -22,16 +22,21 @@ imports this package.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 
 from pydantic import ValidationError
 
 from ..errors import USER_ERRORS, QuietAbort
+from ..train.contention import TRAINING_OMP_ENV
 from . import bench, diagram, export, pretrain, specs, train
 from .args import ANY_KIND_COMMANDS, load_spec_arg
 
-__all__ = ["main", "build_parser", "USER_ERRORS"]
+__all__ = ["main", "build_parser", "USER_ERRORS", "TRAINING_COMMANDS"]
+
+#: Commands that train or evaluate (OMP_WAIT_POLICY=PASSIVE by default, see main).
+TRAINING_COMMANDS = ("train", "pretrain", "eval")
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of every command (torch is not imported)."""
@@ -55,6 +60,11 @@ def _message(err: Exception) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit status (see the module docstring)."""
     args = build_parser().parse_args(argv)
+    if args.command in TRAINING_COMMANDS:
+        # Before torch starts OpenMP: threads that sleep while they wait degrade gracefully when
+        # other processes share the cores, and cost nothing on an idle machine (hfactory.train.contention).
+        for key, value in TRAINING_OMP_ENV.items():
+            os.environ.setdefault(key, value)
     try:
         if getattr(args, "set", None):  # --set applies to every command that takes a spec
             args.spec_arg, args.spec = args.spec, load_spec_arg(args.spec, args.set,

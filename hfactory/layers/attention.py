@@ -333,6 +333,13 @@ def _pick_backend(requested: str, q: torch.Tensor, k: Optional[torch.Tensor] = N
     if requested not in ("auto", "xformers"):
         raise UsageError(f"unknown attention backend {requested!r}; valid: {', '.join(BACKENDS)}")
     if requested == "auto" and bias is not None and BIASED_CALLS_IN_AUTO != "xformers":
+        if not q.is_cuda and bias.requires_grad and torch.is_grad_enabled():
+            # PyTorch's CPU SDPA has no fused kernel for a bias that needs a gradient and falls
+            # back to its own math path, whose safe softmax adds an isneginf/all/where pass over
+            # the scores: ~3% of a Swin-T training step (RESULTS.md, "Presets vs timm"). The plain
+            # math below is the same computation without it (hfactory's biases leave no row fully
+            # masked, so the safe softmax's zero rows never arise).
+            return "math"
         return "sdpa"
     if not q.is_cuda:
         reason = "tensors are not on CUDA"
@@ -370,7 +377,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[
     the tensors are on CUDA, xformers loads and :func:`xformers_unsupported_reason` finds nothing
     against it, and everything else to PyTorch SDPA; a biased call goes to
     :data:`BIASED_CALLS_IN_AUTO` (SDPA, which broadcasts the bias without copying it; if that
-    policy says xformers, the same predicate applies). ``xformers`` asked for where it cannot run
+    policy says xformers, the same predicate applies), except on the CPU with a bias that
+    requires grad under autograd, which runs ``math`` (SDPA would take its slower math fallback). ``xformers`` asked for where it cannot run
     falls back to SDPA with a ``RuntimeWarning`` naming the reason; with a bias it re-lays the bias
     out as :func:`_xformers_bias` describes. ``math`` is the plain reference (scores materialised).
 

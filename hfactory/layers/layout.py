@@ -23,10 +23,24 @@ from torch import nn
 __all__ = ["grid_to_units", "units_to_grid", "pool_hw", "TokenLinear"]
 
 
+def _whole_units(x: torch.Tensor, unit: tuple[int, int]) -> torch.Tensor:
+    """``(B, H, W, C)`` sliced to ``(H // uh * uh, W // uw * uw)``: the identity on the sizes the
+    plan accepts, a no-op view. Only for the symbolic sizes of ``torch.export``: it gives the
+    axes sizes the tracer knows are multiples of the unit (``uh * (H // uh)``), so the reshape into
+    units splits them into ``(H // uh, uh)`` with a constant unit axis. Without it the split's
+    inner axis is ``H // (H // uh)``, which the tracer cannot prove is ``uh``, and the guards it
+    then records on that axis pin the height and width (and even the batch)."""
+    (uh, uw), (h, w) = unit, x.shape[1:3]
+    return x[:, :h // uh * uh, :w // uw * uw]
+
+
 def grid_to_units(x: torch.Tensor, unit: tuple[int, int]) -> torch.Tensor:
     """``(B, H, W, C) -> (B, (H/uh)*(W/uw), uh, uw, C)``; units row-major (the plan checked divisibility)."""
     b, h, w, c = x.shape
     uh, uw = unit
+    if isinstance(h, torch.SymInt) or isinstance(w, torch.SymInt):
+        x = _whole_units(x, unit)
+        h, w = x.shape[1:3]
     x = x.reshape(b, h // uh, uh, w // uw, uw, c).permute(0, 1, 3, 2, 4, 5)
     return x.reshape(b, -1, uh, uw, c)
 

@@ -51,12 +51,19 @@ class Sam2WindowAttention(Attention):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, h, w, _ = x.shape
         wh, ww = self.window_size
-        ph, pw = (wh - h % wh) % wh, (ww - w % ww) % ww
-        if ph or pw:
+        # Rounded up, not ``(wh - h % wh) % wh``: the same numbers, but on torch.export's symbolic
+        # sizes ``h + ph`` is then ``wh * ((h + wh - 1) // wh)``, a multiple the tracer can see
+        # (the window reshape keeps a constant window axis), and no remainder reaches ONNX.
+        ph, pw = (h + wh - 1) // wh * wh - h, (w + ww - 1) // ww * ww - w
+        symbolic = isinstance(h, torch.SymInt) or isinstance(w, torch.SymInt)  # no Python branch on them
+        if symbolic or ph or pw:
             x = F.pad(x, (0, 0, 0, pw, 0, ph))
         o = super().forward(grid_to_units(x, (wh, ww)))  # (B, nW, wh/s, ww/s, C)
         sh, sw = self.q_stride or (1, 1)
         o = units_to_grid(o, ((h + ph) // sh, (w + pw) // sw))
-        if ph or pw:
+        if symbolic:  # a negative pad: a new contiguous tensor whatever the padding (a slice's
+            # contiguity would depend on it, and torch.export would guard on it)
+            o = F.pad(o, (0, 0, 0, w // sw - o.shape[2], 0, h // sh - o.shape[1]))
+        elif ph or pw:
             o = o[:, :h // sh, :w // sw]
         return o

@@ -21,7 +21,7 @@ from .downsample import build_norm
 from .layout import TokenLinear
 
 __all__ = ["WindowAttention", "PatchMerging", "relative_position_index", "window_mask", "SHIFT_MASK_VALUE",
-           "same_grid", "pad_grid", "crop_grid", "merge_windows"]
+           "same_grid", "pad_grid", "crop_grid", "merge_windows", "is_symbolic"]
 
 #: timm's additive mask between tokens of one shifted window that come from different regions.
 SHIFT_MASK_VALUE = -100.0
@@ -83,19 +83,26 @@ def window_mask(grid: tuple[int, int], padded: tuple[int, int], window: tuple[in
     """Additive mask ``(nW, N, N)`` (float32) of the windows of a padded, cyclically shifted grid,
     or None when there is neither shift nor padding.
 
-    The grid ``(H, W)`` is zero-padded at the end to ``padded`` and rolled by ``-shift``. Within a
+    The grid ``(H, W)`` is zero-padded at the end to ``padded`` and rolled by ``-shift`` (per axis
+    an int, or a 0-d int64 tensor that is 0 or ``window // 2``, see :func:`_run_time_shift`). Within a
     window, tokens of different shift regions get ``-100`` (timm's ``get_attn_mask``; the regions
     are ``[0, Hp-wh)``, ``[Hp-wh, Hp-sh)``, ``[Hp-sh, Hp)`` per shifted axis), and padded keys
     ``-inf``. Every window holds a real token of each query's region (padding < window), so no row
     is fully masked.
     """
-    if not any(shift) and same_grid(padded, grid):
+    if not any(isinstance(t, torch.Tensor) for t in shift) and not any(shift) and same_grid(padded, grid):
         return None
 
-    def axis(n: int, n_pad: int, w: int, s: int):
+    def axis(n, n_pad, w, s):
         r = torch.arange(n_pad, device=device)
-        region = (r >= n_pad - w).long() + (r >= n_pad - s).long() if s else torch.zeros_like(r)
-        real = (r + s) % n_pad < n  # position r of the rolled grid holds padded index (r + s) mod n_pad
+        if isinstance(s, torch.Tensor):  # a shift known at run time only (0 or w // 2)
+            region = ((r >= n_pad - w).long() + (r >= n_pad - s).long()) * (s > 0).long()
+        else:
+            region = (r >= n_pad - w).long() + (r >= n_pad - s).long() if s else torch.zeros_like(r)
+        # Position r of the rolled grid holds padded index (r + s) mod n_pad, a real token when that
+        # is below n: for r < n_pad - s it is r + s; above, r + s - n_pad < s <= n. Comparisons
+        # only: the ONNX exporter cannot translate a remainder by a symbolic size.
+        real = (r < n - s) | (r >= n_pad - s)
         return region, real
 
     (rh, real_h), (rw, real_w) = (axis(n, p, w, s) for n, p, w, s in zip(grid, padded, window, shift))
@@ -105,6 +112,25 @@ def window_mask(grid: tuple[int, int], padded: tuple[int, int], window: tuple[in
     mask = torch.zeros(region.shape[0], n, n, device=device)
     mask = mask.masked_fill(region[:, :, None] != region[:, None, :], SHIFT_MASK_VALUE)
     return mask.masked_fill(~real[:, None, :], float("-inf"))
+
+
+def is_symbolic(*sizes) -> bool:
+    """Whether any of ``sizes`` is a symbolic size (``torch.export`` with dynamic dimensions)."""
+    return any(isinstance(n, torch.SymInt) for n in sizes)
+
+
+def _run_time_shift(n, window: int, device) -> torch.Tensor:
+    """The shift of a shifted block's axis of ``n`` tokens as a 0-d int64 tensor: ``window // 2``
+    when ``n > window``, else 0 (:func:`~hfactory.spec.swin.window_and_shift`), computed by tensor
+    operations so that a symbolic ``n`` is not compared in Python (a guard that pins the size)."""
+    return (torch.arange(n, device=device) >= window).any().long() * (window // 2)
+
+
+def _roll_index(n_pad, shift: torch.Tensor, device) -> torch.Tensor:
+    """Indices that roll an axis of ``n_pad`` by ``-shift`` with ``index_select`` (``shift`` a 0-d
+    tensor in ``[0, n_pad)``; the inverse roll is ``-shift``, given as ``shift = -s``)."""
+    r = torch.arange(n_pad, device=device) + shift
+    return torch.where(r >= n_pad, r - n_pad, torch.where(r < 0, r + n_pad, r))
 
 
 class WindowAttention(nn.Module):
@@ -159,28 +185,68 @@ class WindowAttention(nn.Module):
         index = relative_position_index(window, self.window_size, device=device)
         return window, shift, padded, window_mask(grid, padded, window, shift, device=device), index
 
+    def _geometry_any_size(self, x: torch.Tensor):
+        """``_geometry`` for symbolic sizes (``torch.export`` with a dynamic height and width), with no
+        Python branch on the size: the window stays ``window_size`` and the grid is padded to its
+        multiple; an axis no longer than the window (where timm clips the window to the grid)
+        becomes one window with padded keys masked, which gives the same attention (the bias of
+        the clipped window is the central part of the full one); a shifted block's shift is a
+        tensor that is 0 on such an axis (:func:`_run_time_shift`). Returns the input padded and
+        rolled, and (window, shift tensors or 0, padded grid, mask, relative index)."""
+        _, h, w, _ = x.shape
+        (wh, ww), dev = self.window_size, x.device
+        hp, wp = (h + wh - 1) // wh * wh, (w + ww - 1) // ww * ww
+        x = F.pad(x, (0, 0, 0, wp - w, 0, hp - h))
+        if self.shifted:
+            shift = (_run_time_shift(h, wh, dev), _run_time_shift(w, ww, dev))
+            x = x.index_select(1, _roll_index(hp, shift[0], dev)).index_select(2, _roll_index(wp, shift[1], dev))
+        else:
+            shift = (0, 0)
+        mask = window_mask((h, w), (hp, wp), self.window_size, shift, device=dev)
+        return x, (self.window_size, shift, (hp, wp), mask, self.relative_position_index)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
+        if is_symbolic(h, w):
+            return self._forward_any_size(x)
         (wh, ww), (sh, sw), (hp, wp), mask, index = self._geometry((h, w), x.device)
         x = pad_grid(x, (hp, wp))
         if sh or sw:
             x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
-        nh, nw, n, heads, d = hp // wh, wp // ww, wh * ww, self.num_heads, self.dim_head
+        o = self._attend(x, (wh, ww), (hp // wh, wp // ww), mask, index)
+        if sh or sw:
+            o = torch.roll(o, shifts=(sh, sw), dims=(1, 2))
+        return self.proj_drop(self.proj(crop_grid(o, (h, w))))
+
+    def _attend(self, x: torch.Tensor, window, n_windows, mask, index) -> torch.Tensor:
+        """Attention in the windows of the padded (and rolled) grid ``x`` ``(B, Hp, Wp, C)`` ->
+        ``(B, Hp, Wp, heads * d)``, with the relative-position bias plus ``mask`` (``(nW, N, N)``
+        or None)."""
+        b, c = x.shape[0], x.shape[3]
+        (wh, ww), (nh, nw) = window, n_windows
+        n, heads, d = wh * ww, self.num_heads, self.dim_head
         x = x.reshape(b, nh, wh, nw, ww, c).transpose(2, 3).reshape(b, nh * nw, n, c)
         # same channel split as timm's reshape(B_, N, 3, heads, d)
         qkv = self.qkv(x).reshape(b, nh * nw, n, 3, heads, d).permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, heads, N, d)
         bias = self.relative_position_bias_table[index.reshape(-1)].reshape(n, n, heads).permute(2, 0, 1)
-        if mask is None:
+        if mask is None:  # one bias for every window: windows folded into the batch
             q, k, v = qkv.reshape(3, b * nh * nw, heads, n, d).unbind(0)
             bias = bias.unsqueeze(0)
-        else:
+        else:  # a mask per window: windows x heads as the head axis, the bias broadcast over the batch
             q, k, v = qkv.reshape(3, b, nh * nw * heads, n, d).unbind(0)
             bias = (bias.unsqueeze(0) + mask.unsqueeze(1).to(bias.dtype)).reshape(1, nh * nw * heads, n, n)
         o = attention(q, k, v, bias.to(q.dtype), dropout_p=self.attn_drop if self.training else 0.0,
                       backend=self.backend)
-        o = merge_windows(o, b, (nh, nw), (wh, ww), heads, d)
-        if sh or sw:
-            o = torch.roll(o, shifts=(sh, sw), dims=(1, 2))
+        return merge_windows(o, b, (nh, nw), (wh, ww), heads, d)
+
+    def _forward_any_size(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` on symbolic sizes (see :meth:`_geometry_any_size`): same values."""
+        h, w = x.shape[1:3]
+        x, (window, shift, (hp, wp), mask, index) = self._geometry_any_size(x)
+        o = self._attend(x, window, (hp // window[0], wp // window[1]), mask, index)
+        if self.shifted:
+            dev = x.device
+            o = o.index_select(1, _roll_index(hp, -shift[0], dev)).index_select(2, _roll_index(wp, -shift[1], dev))
         return self.proj_drop(self.proj(crop_grid(o, (h, w))))
 
 

@@ -21,7 +21,7 @@ from ..spec.swin import padded_grid, window_and_shift
 from .attention import attention
 from .downsample import build_norm
 from .layout import TokenLinear
-from .swin import crop_grid, merge_windows, pad_grid, relative_position_index, same_grid, window_mask
+from .swin import crop_grid, is_symbolic, merge_windows, pad_grid, relative_position_index, same_grid, window_mask
 
 __all__ = ["WindowAttentionV2", "PatchMergingV2", "log_relative_coords"]
 
@@ -95,8 +95,15 @@ class WindowAttentionV2(nn.Module):
         if same_grid(grid, self.grid):
             return (self.window_size, self.shift_size, self.padded_grid, self.attn_mask,
                     self.relative_coords_table, self.relative_position_index)
+        # On torch.export's symbolic sizes, ``window_and_shift`` compares the grid with the window
+        # in Python: the graph then holds for the sizes on the traced side of that comparison
+        # (the window's bias comes from an MLP of its own size, so a clipped window is another
+        # computation, unlike Swin V1's). export_model states that range.
         window, shift = window_and_shift(grid, self.window_size, self.shifted)
-        padded = padded_grid(grid, window)
+        if is_symbolic(*grid):  # rounded up without a negative floor division (ONNX)
+            padded = tuple((g + k - 1) // k * k for g, k in zip(grid, window))
+        else:
+            padded = padded_grid(grid, window)
         return (window, shift, padded, window_mask(padded, padded, window, shift, device=device),
                 log_relative_coords(window, self.pretrained_window_size, device=device),
                 relative_position_index(window, device=device))
@@ -147,7 +154,10 @@ class PatchMergingV2(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
-        if h % 2 or w % 2:
+        if is_symbolic(h, w):  # torch.export: pad by (h + 1) // 2 * 2 - h, no branch or remainder
+            x = F.pad(x, (0, 0, 0, (w + 1) // 2 * 2 - w, 0, (h + 1) // 2 * 2 - h))
+            h, w = x.shape[1:3]
+        elif h % 2 or w % 2:
             x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
             h, w = h + h % 2, w + w % 2
         x = x.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3)

@@ -1,10 +1,15 @@
 """Detect other processes using this process's CPU cores (oversubscription).
 
-PyTorch's CPU ops run on OpenMP threads that busy-wait between parallel regions. When another
-process takes cores the training threads were given, each parallel region waits for a thread
-that is not running: a 2-thread training run here went 10-18x slower while another job used the
-cores (``benchmarks/RESULTS.md``). The fix is the user's (fewer threads, or waiting for the other
-job), so :func:`contention_warning` measures and says so before training starts.
+PyTorch's CPU ops run on OpenMP threads that, by default, busy-wait between parallel regions.
+When another process takes cores the training threads were given, each parallel region waits
+for a thread that is not running. Measured with ``benchmarks/contention.py`` (RESULTS.md,
+"Training under CPU contention"; 2-core AMD EPYC, one other busy core): a 2-thread training step
+was 2.95x slower with busy-waiting threads, 1.62x with ``OMP_WAIT_POLICY=PASSIVE`` (threads sleep
+while they wait; as fast as busy-waiting on an idle machine there) and 1.56x with one thread.
+So ``hfactory train``, ``pretrain`` and ``eval`` set ``OMP_WAIT_POLICY=PASSIVE`` unless it is set
+(:data:`TRAINING_OMP_ENV`, applied before torch is imported), and :func:`contention_warning`
+measures and says what fits before training starts. Library users set the variable themselves,
+before importing torch.
 
 Linux only (``/proc``); elsewhere it reports nothing.
 """
@@ -15,7 +20,10 @@ import os
 import time
 from typing import Optional
 
-__all__ = ["other_busy_cores", "contention_warning"]
+__all__ = ["other_busy_cores", "contention_warning", "TRAINING_OMP_ENV"]
+
+#: What the training commands put in the environment (when unset) before torch starts OpenMP.
+TRAINING_OMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def _cpu_jiffies(cores: set[int]) -> Optional[int]:
@@ -73,7 +81,10 @@ def contention_warning(threads: int, window_s: float = 0.5) -> Optional[str]:
     if free >= threads - 0.5:
         return None
     fit = max(1, int(free + 0.5))
+    passive = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
+    cost = ("expect it to be slower (1.6x with one busy core of two was measured)" if passive else
+            "with OMP_WAIT_POLICY unset or ACTIVE they busy-wait: expect it to be several times slower (3x with "
+            "one busy core of two was measured; set OMP_WAIT_POLICY=PASSIVE before starting for about 1.6x)")
     return (f"warning: other processes are using {busy:.1f} of this process's {cores} CPU cores, and training "
-            f"runs {threads} OpenMP threads, which wait for each other: expect it to be several times slower "
-            f"(10-18x was measured). Use --threads {fit}, stop the other work, or set OMP_WAIT_POLICY=PASSIVE "
-            "before starting.")
+            f"runs {threads} OpenMP threads, which wait for each other; {cost}. Use --threads {fit} or stop the "
+            "other work.")
