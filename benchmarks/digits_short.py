@@ -12,7 +12,6 @@ Usage (from the repository root)::
 
 from __future__ import annotations
 
-import math
 import sys
 import tempfile
 import time
@@ -25,15 +24,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 def main() -> int:
     import torch
-    import torch.nn.functional as F
 
     import test_hvt
     import test_sft
     import test_thesis
-    from hfactory.sft import build_sft
-    from hfactory.train import TrainConfig, evaluate, train
-    from hfactory.train.data import load_digits
-    from hfactory.train.loop import WarmupCosine, param_groups
+    from hfactory.train import TrainConfig, train
 
     torch.set_num_threads(1)
     rows = []
@@ -47,23 +42,7 @@ def main() -> int:
             m = train(test_thesis.digits_spec(last), Path(tmp) / label.split()[0], TrainConfig(
                 epochs=4, lr=5e-3, batch_size=32, progress=False, workers=0, seed=0, threads=1))
             rows.append((f"{label} (`test_thesis.py`)", m["test_accuracy"]))
-    # SFT: the loop of tests/test_sft.py::test_short_digits_training_beats_chance
-    torch.manual_seed(0)
-    model = build_sft(test_sft.EXAMPLE)
-    data = load_digits((16, 16), 1)
-    x, y = data.train.tensors
-    epochs, steps = 4, math.ceil(len(y) / 32)
-    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=3e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(steps, epochs * steps))
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(y), generator=gen).split(32):
-            loss = F.cross_entropy(model(x[idx]), y[idx], label_smoothing=0.1)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    rows.append(("SFT (`test_sft.py`)", evaluate(model, data.test)["test_accuracy"]))
+    rows.append(("SFT (`test_sft.py`)", test_sft.train_digits_sft()))
     print(f"- Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine_line(1)}")
     for label, acc in rows:
         print(f"| {label} | {acc:.3f} |")

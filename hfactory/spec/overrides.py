@@ -29,6 +29,20 @@ def _component_fields(slot: str, value: Any, path: str) -> set[str]:
     return set(params.model_fields)
 
 
+def _positions(key: str, n: int, path: str, not_an_index: str, out_of_range: str) -> range | list[int]:
+    """The list positions ``key`` addresses in a list of ``n``: ``*`` (all) or one index
+    (negative from the end); the messages say what was expected for this list."""
+    if key == "*":
+        return range(n)
+    try:
+        i = int(key)
+    except ValueError:
+        raise OverrideError(path, not_an_index) from None
+    if not -n <= i < n:
+        raise OverrideError(path, out_of_range)
+    return [i]
+
+
 def _descend(node: Any, kind: str, tokens: list[str], value: Any, done: str, models: Mapping[str, type],
              inherited: Callable[[dict, str, int], Any], root: dict | None = None) -> None:
     """Set ``value`` at ``tokens`` inside ``node`` (JSON-like data of model ``kind``)."""
@@ -36,15 +50,8 @@ def _descend(node: Any, kind: str, tokens: list[str], value: Any, done: str, mod
     key, rest = tokens[0], tokens[1:]
     path = f"{done}.{key}" if done else key
     if kind == "stages":
-        if key == "*":
-            targets = range(len(node))
-        else:
-            try:
-                targets = [int(key)]
-            except ValueError:
-                raise OverrideError(path, "a stage index or '*' was expected") from None
-            if not -len(node) <= targets[0] < len(node):
-                raise OverrideError(path, f"no such stage; the spec has {len(node)} (0-{len(node) - 1}) or use '*'")
+        targets = _positions(key, len(node), path, "a stage index or '*' was expected",
+                             f"no such stage; the spec has {len(node)} (0-{len(node) - 1}) or use '*'")
         if not rest:
             raise OverrideError(path, "name a stage field, e.g. stages.0.depth")
         for i in targets:
@@ -109,15 +116,8 @@ def _descend_block(entries: list, tokens: list[str], value: Any, done: str, mode
     if not entries:
         raise OverrideError(path, "the stage has no per-block overrides; set the whole list, e.g. "
                             f"{done}: [{{at: [0], token_mixer: attention}}]")
-    if key == "*":
-        targets = range(len(entries))
-    else:
-        try:
-            targets = [int(key)]
-        except ValueError:
-            raise OverrideError(path, f"an entry index (0-{len(entries) - 1}) or '*' was expected") from None
-        if not -len(entries) <= targets[0] < len(entries):
-            raise OverrideError(path, f"no such entry; the stage has {len(entries)} (0-{len(entries) - 1})")
+    targets = _positions(key, len(entries), path, f"an entry index (0-{len(entries) - 1}) or '*' was expected",
+                         f"no such entry; the stage has {len(entries)} (0-{len(entries) - 1})")
     if not rest:
         raise OverrideError(path, f"name a field of the entry, e.g. {path}.at")
     for i in targets:
