@@ -55,11 +55,11 @@ stages:
 ARGS = ["--epochs", "1", "--batch-size", "359", "--lr", "5e-3", "--no-progress", "--threads", "1"]
 
 
-def torchrun(*args: str, cwd: Path, command: str = "train") -> subprocess.CompletedProcess:
+def torchrun(*args: str, cwd: Path, command: str = "train", nproc: int = 2) -> subprocess.CompletedProcess:
     """``python -m torch.distributed.run --standalone --nproc_per_node=2 -m hfactory train ...``
     (``--standalone`` picks a free port)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "hfactory", command, *args]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
 
@@ -118,7 +118,22 @@ def test_fsdp_sharded_checkpoint_resumes_with_any_process_count(runs):
     checkpoint = runs / "fsdp" / "checkpoint"
     assert sorted(p.name for p in (checkpoint / "dcp").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     assert not (checkpoint / "model.safetensors").exists()
-    for name in ("fsdp_as_ddp", "fsdp_as_one"):
+    # the unfinished run's shards read back whole in one process: one process's weights at step 3
+    # (a run without --fsdp stopped there; float noise of the scaled shares, as below)
+    from hfactory.train.checkpoint import read_sharded_weights
+
+    threads = torch.get_num_threads()
+    try:
+        assert main(["train", str(runs / "tiny.yaml"), "--out", str(runs / "one_at_3"), "--stop-at-step", "3",
+                     *ARGS]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    at_3 = load_file(str(runs / "one_at_3" / "checkpoint" / "model.safetensors"))
+    shards = read_sharded_weights(checkpoint / "dcp")
+    assert shards.keys() == at_3.keys()
+    for name in at_3:
+        torch.testing.assert_close(shards[name], at_3[name], rtol=1e-3, atol=1e-4, msg=name)
+    for name in ("fsdp_as_ddp", "fsdp_as_one", "fsdp_as_three", "fsdp_stopped"):
         shutil.copytree(runs / "fsdp", runs / name)
     resume = ["--resume", "--no-progress", "--threads", "1"]
     result = torchrun("tiny.yaml", "--out", "fsdp", "--fsdp", *resume, cwd=runs)
@@ -126,7 +141,10 @@ def test_fsdp_sharded_checkpoint_resumes_with_any_process_count(runs):
     assert "resuming" in result.stdout
     result = torchrun("tiny.yaml", "--out", "fsdp_as_ddp", *resume, cwd=runs)
     assert result.returncode == 0, result.stderr[-3000:]
-    threads = torch.get_num_threads()
+    # resharded: 2 processes wrote the shards, 3 read them (global batch 359: shares 120/120/119)
+    result = torchrun("tiny.yaml", "--out", "fsdp_as_three", "--fsdp", *resume, cwd=runs, nproc=3)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "3 processes (FSDP2, gloo)" in result.stdout
     try:
         assert main(["train", str(runs / "tiny.yaml"), "--out", str(runs / "fsdp_as_one"), *resume]) == 0
     finally:
@@ -134,8 +152,51 @@ def test_fsdp_sharded_checkpoint_resumes_with_any_process_count(runs):
     # the sharded initialisation and checkpoint continue exactly where DDP would have been
     assert_same_weights(runs / "fsdp" / "model", runs / "ddp" / "model", atol=1e-6)
     assert_same_weights(runs / "fsdp_as_ddp" / "model", runs / "ddp" / "model", atol=1e-6)
-    # one process: the loss is one global mean instead of scaled shares (float noise, as above)
+    # one process, or three: the loss shares are summed differently (float noise, as above)
     assert_same_weights(runs / "fsdp_as_one" / "model", runs / "ddp" / "model", atol=1e-4)
+    assert_same_weights(runs / "fsdp_as_three" / "model", runs / "ddp" / "model", atol=1e-4)
+
+
+def test_eval_and_init_from_read_an_unfinished_fsdp_run(runs, capsys):
+    if not (runs / "fsdp_stopped").is_dir():
+        pytest.skip("needs the FSDP run of test_fsdp_sharded_checkpoint_resumes_with_any_process_count")
+    # hfactory eval on the run stopped at step 3 (its checkpoint holds DCP shards only) gives what
+    # the same weights give as one process's checkpoint (one borderline image may flip)
+    results = []
+    for run in ("fsdp_stopped", "one_at_3"):
+        capsys.readouterr()
+        assert main(["eval", str(runs / run), "--threads", "1"]) == 0
+        results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert results[0]["images"] == results[1]["images"] == 360
+    assert abs(results[0]["test_accuracy"] - results[1]["test_accuracy"]) <= 1 / 360
+    assert results[0]["test_loss"] == pytest.approx(results[1]["test_loss"], rel=1e-3)
+    # fine-tuning under FSDP from those shards: rank 0 loads them whole and broadcasts them into
+    # every process's shards. A tiny lr keeps the result next to where it started, so the start
+    # is visible: the shards for the encoder, the seed's initialisation for the new classifier.
+    fine = ["--init-from", "fsdp_stopped", "--epochs", "1", "--batch-size", "359", "--lr", "1e-6", "--no-progress",
+            "--threads", "1"]
+    result = torchrun("tiny.yaml", "--out", "fine_fsdp", "--fsdp", *fine, cwd=runs)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "initialised" in result.stdout and "fsdp_stopped" in result.stdout
+    threads, cwd = torch.get_num_threads(), os.getcwd()
+    try:
+        os.chdir(runs)
+        assert main(["train", "tiny.yaml", "--out", "fine_one", *fine]) == 0
+    finally:
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+    assert_same_weights(runs / "fine_fsdp" / "model", runs / "fine_one" / "model", atol=1e-6)
+    from hfactory import build_encoder
+    from hfactory.train.checkpoint import read_sharded_weights
+
+    torch.manual_seed(0)
+    init = build_encoder(runs / "tiny.yaml").state_dict()
+    start = read_sharded_weights(runs / "fsdp_stopped" / "checkpoint" / "dcp")
+    tuned = load_file(str(runs / "fine_fsdp" / "model" / "model.safetensors"))
+    encoder = [k for k in init if not k.startswith("head.")]
+    assert max((start[k] - init[k]).abs().max().item() for k in encoder) > 1e-3  # 3 steps at lr 5e-3
+    assert max((tuned[k] - start[k]).abs().max().item() for k in encoder) < 1e-4  # 5 steps at lr 1e-6
+    assert max((tuned[k] - init[k]).abs().max().item() for k in init if k.startswith("head.")) < 1e-4
 
 
 def test_refused_out_dir_is_reported_once_and_untouched(runs):

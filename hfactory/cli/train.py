@@ -101,7 +101,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         UsageError: out-of-range options, a model of another spec than its run, data whose class
             count differs from the model's; FileNotFoundError: no saved model.
     """
-    from ..train.checkpoint import checked_model_dir, read_run
+    from ..train.checkpoint import checked_model_dir, load_saved_model, read_run
 
     check_ranges(args, [("batch_size", args.batch_size >= 1, ">= 1"), ("workers", args.workers >= 0, ">= 0"),
                         ("threads", args.threads is None or args.threads >= 1, ">= 1")])
@@ -112,13 +112,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..models import load_model
     from ..train.classify import evaluate, pretrained_preprocessing
     from ..train.data import load_data
 
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_model(model_dir).to(device)  # an encoder or an SFT, as its spec.yaml says
+    model = load_saved_model(model_dir).to(device)  # an encoder or an SFT, as its spec.yaml says
     # a run fine-tuned from pretrained weights is evaluated with the preprocessing it trained with
     preprocess = pretrained_preprocessing(model.spec, run_config.get("pretrained"))
     data = load_data(data_arg, model.spec.img_hw, model.spec.in_chans, preprocess)

@@ -19,6 +19,7 @@ Layout of ``--out DIR``::
 
 Either kind of checkpoint resumes with any number of processes, with or without ``--fsdp``
 (a ``dcp/`` checkpoint is read by one process with ``no_dist``; see :mod:`.distributed`).
+``hfactory eval`` and ``--init-from`` read either kind too (:func:`read_sharded_weights`).
 
 Every file is written atomically (a temporary file in the same directory, then ``os.replace``),
 and a checkpoint is first written complete into ``checkpoint.new/`` and then swapped in, so a
@@ -30,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -42,7 +44,8 @@ from ..spec.io import dump_spec, load_any_spec
 
 __all__ = ["RUN_FILE", "CHECKPOINT_DIR", "MODEL_DIR", "STATE_NAME", "DCP_DIR", "atomic_path", "write_json",
            "check_out_dir", "read_run", "save_checkpoint", "save_sharded_checkpoint", "save_model_dir",
-           "find_checkpoint", "load_checkpoint", "is_sharded", "checked_model_dir"]
+           "find_checkpoint", "load_checkpoint", "is_sharded", "checked_model_dir", "load_saved_model",
+           "read_sharded_weights"]
 
 RUN_FILE = "run.json"
 CHECKPOINT_DIR = "checkpoint"
@@ -244,6 +247,48 @@ def load_checkpoint(path: Path, model: torch.nn.Module, expected_hash: str, weig
     return state
 
 
+def read_sharded_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The model's full tensors (CPU, name -> tensor, the unsharded ``state_dict`` names) from the
+    DCP directory ``directory`` (an FSDP run's ``checkpoint/dcp``), read by one process without a
+    process group (``no_dist``) whatever the number of processes that wrote it; the optimizer's
+    states are not read. Used by ``hfactory eval`` and ``--init-from`` on an unfinished FSDP run.
+
+    Raises:
+        FileNotFoundError: ``directory`` holds no complete DCP checkpoint (no ``.metadata``).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if not (Path(directory) / DCP_METADATA).is_file():
+        raise FileNotFoundError(f"{directory}: no sharded checkpoint there (no {DCP_METADATA})")
+    items = FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    # allocate each saved model tensor at its global size, then let DCP fill them from the shards
+    weights = {key[len("model."):]: torch.empty(tuple(item.size), dtype=item.properties.dtype)
+               for key, item in items.items() if key.startswith("model.") and hasattr(item, "size")}
+    state = {"model": weights}
+    with warnings.catch_warnings():  # no_dist is the intent here: one process reads every shard
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(directory), no_dist=True)
+    return state["model"]
+
+
+def load_saved_model(model_dir: Path) -> torch.nn.Module:
+    """The model of :func:`checked_model_dir`'s result: a ``save_pretrained`` directory (or a
+    checkpoint of a run without ``--fsdp``) via :func:`hfactory.models.load`, or an FSDP run's
+    sharded checkpoint (built from its ``spec.yaml``, weights from :func:`read_sharded_weights`).
+
+    Raises:
+        UsageError (a ValueError): the weights do not fit the spec (keys and shapes named).
+    """
+    from ..models import build_model, load_model
+
+    if not is_sharded(model_dir):
+        return load_model(model_dir)
+    model = build_model(load_any_spec(model_dir / SPEC_NAME))
+    load_checked(model, read_sharded_weights(model_dir / DCP_DIR), source=str(model_dir / DCP_DIR))
+    return model
+
+
 def _dcp_shapes(directory: Path) -> dict[str, tuple]:
     """Name -> global shape of the model tensors in a DCP checkpoint (its ``.metadata``)."""
     from torch.distributed.checkpoint import FileSystemReader
@@ -276,7 +321,8 @@ def checked_model_dir(path: Path) -> Path:
     """Find the saved model for ``hfactory eval`` and check that its weights match its spec.
 
     ``path`` may be a ``save_pretrained`` directory, a run directory (its ``model/`` is used,
-    or its checkpoint if the run has not finished).
+    or its checkpoint if the run has not finished, also an FSDP run's sharded one; load the
+    result with :func:`load_saved_model`).
 
     Raises:
         FileNotFoundError: no saved model at ``path``.
@@ -289,14 +335,18 @@ def checked_model_dir(path: Path) -> Path:
     candidates = [path, path / MODEL_DIR]
     if find_checkpoint(path) is not None:
         candidates.append(find_checkpoint(path))
-    model_dir = next((c for c in candidates if (c / WEIGHTS_NAME).is_file() and (c / SPEC_NAME).is_file()), None)
+    model_dir = next((c for c in candidates if (c / SPEC_NAME).is_file() and (
+        (c / WEIGHTS_NAME).is_file() or is_sharded(c))), None)
     if model_dir is None:
         raise FileNotFoundError(f"no saved model in {path}: expected {SPEC_NAME} and {WEIGHTS_NAME} there, "
                                 f"or a run directory with {MODEL_DIR}/ or {CHECKPOINT_DIR}/")
     saved_spec = load_any_spec(model_dir / SPEC_NAME)
     actual, accepted = spec_hash(saved_spec), spec_hashes(saved_spec)
-    with safe_open(str(model_dir / WEIGHTS_NAME), "pt") as f:
-        saved = (f.metadata() or {}).get("spec_hash")
+    if is_sharded(model_dir):  # an unfinished FSDP run: state.pt records the hash for the shards
+        saved = torch.load(model_dir / STATE_NAME, map_location="cpu", weights_only=True).get("spec_hash")
+    else:
+        with safe_open(str(model_dir / WEIGHTS_NAME), "pt") as f:
+            saved = (f.metadata() or {}).get("spec_hash")
     if saved is not None and saved not in accepted:
         raise UsageError(f"{model_dir / WEIGHTS_NAME} was saved for spec hash {saved}, but {model_dir / SPEC_NAME} "
                          f"hashes to {actual}: the spec was changed after saving; restore it or retrain")

@@ -198,19 +198,9 @@ def agree(ctx: DistContext, fn: Callable[[], Any]) -> Any:
     raise QuietAbort(f"process {first} failed", status=2 if user else 1)
 
 
-def wrap_model(model: nn.Module, ctx: DistContext, device: torch.device, fsdp: bool) -> nn.Module:
-    """DDP around ``model`` (already on ``device``), or FSDP2 (:func:`.fsdp.shard_model`) when ``fsdp``;
-    ``model`` itself for one process without ``fsdp``.
-
-    Raises:
-        UsageError (a ValueError): ``fsdp`` without torchrun (needs a process group).
-    """
-    if fsdp:
-        if not ctx.enabled:
-            raise UsageError("--fsdp needs several processes: torchrun --nproc_per_node=N -m hfactory train ...")
-        from .fsdp import shard_model
-
-        return shard_model(model)
+def wrap_model(model: nn.Module, ctx: DistContext, device: torch.device) -> nn.Module:
+    """DDP around ``model`` (already on ``device``); ``model`` itself for one process. (FSDP runs
+    build their model sharded instead: :mod:`.fsdp`.)"""
     if not ctx.enabled:
         return model
     from torch.nn.parallel import DistributedDataParallel

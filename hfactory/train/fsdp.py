@@ -27,8 +27,11 @@ allocates this process's shards, and each parameter's recipe is replayed into a 
 temporary whose ``torch.chunk(.., world_size, dim=0)[rank]`` (FSDP2's ``Shard(0)``) is copied into
 the DTensor's local tensor. The peak of the build is the process's shards plus the cache plus one
 parameter, never the whole model. A resumed run skips the replay (its checkpoint supplies the
-values). Fine-tuning from other weights (``--pretrained``, ``--init-from``) still builds the model
-whole in every process, loads the weights and then shards it.
+values). Fine-tuning from other weights (``--pretrained``, ``--init-from``; their loaders resize
+position tables and reset classifiers, which needs the whole model) builds the model whole in
+rank 0 alone, loads the weights there and broadcasts them tensor by tensor into every process's
+shards (:func:`build_sharded_from_rank0`): rank 0 peaks at the whole model plus its shards, the
+other processes at their shards.
 
 Checkpoints of FSDP runs are sharded: ``torch.distributed.checkpoint`` (DCP) writes the model's
 and the optimizer's sharded state dicts (:func:`save_sharded`, every process its own shards) into
@@ -48,7 +51,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["shard_model", "build_sharded", "save_sharded", "load_sharded"]
+__all__ = ["shard_model", "build_sharded", "build_sharded_from_rank0", "save_sharded", "load_sharded"]
 
 #: materialised parameter storages the initialisation recorder keeps beyond those an op uses
 _CACHE_BYTES = 16 << 20
@@ -266,6 +269,39 @@ def build_sharded(build: Callable[[], nn.Module], device: torch.device, init: bo
                 _copy_shard(param, base.as_strided(*geometry))
                 del base
     torch.set_rng_state(end_state)
+    return model
+
+
+def build_sharded_from_rank0(build: Callable[[], nn.Module], load: Callable[[nn.Module], None],
+                             device: torch.device, ctx) -> nn.Module:
+    """``build()`` sharded with :func:`shard_model` on ``device``, holding the values rank 0 gets by
+    ``load(whole)`` on its own unsharded ``build()`` (e.g. pretrained weights, a new classifier
+    initialised from the seed). A collective: call it in every process of ``ctx``'s group.
+
+    Rank 0 builds the model whole on the CPU from the current RNG state and runs ``load`` on it
+    (inside :func:`~hfactory.train.distributed.agree`: an error there is raised in every process);
+    then every process, from that same RNG state, builds its uninitialised shards
+    (:func:`build_sharded` without ``init``) and ``set_model_state_dict`` broadcasts rank 0's full
+    state dict into them one tensor at a time (``broadcast_from_rank0``). torch's RNG ends where an
+    unsharded ``build()`` leaves it, in every process.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from .distributed import agree
+
+    start = torch.get_rng_state()
+
+    def whole_on_rank0() -> dict:
+        if not ctx.is_main:
+            return {}
+        model = build()
+        load(model)
+        return model.state_dict()
+
+    full = agree(ctx, whole_on_rank0)
+    torch.set_rng_state(start)
+    model = build_sharded(build, device, init=False)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
 
 

@@ -291,18 +291,23 @@ def _fit(task: Task, out: Path, config, resume: bool, ctx: DistContext, device: 
 
     torch.manual_seed(config.seed)
     found = ckpt.find_checkpoint(out) if resuming else None
-    # --fsdp: built shard by shard, never whole (fsdp.build_sharded), unless a new run starts
-    # from other weights (--pretrained, --init-from), whose loaders need the whole model
-    sharded = config.fsdp and (found is not None or not task.initial_weights)
-    model = fsdp.build_sharded(task.build, device, init=found is None) if sharded else task.build().to(device)
+    # --fsdp: built shard by shard, never whole (fsdp.build_sharded); a new run from other weights
+    # (--pretrained, --init-from) has rank 0 alone build it whole for the loaders, then broadcast
+    if not config.fsdp:
+        model = task.build().to(device)
+    elif found is None and task.initial_weights:
+        model = fsdp.build_sharded_from_rank0(task.build, lambda whole: task.init_weights(whole, DistContext()),
+                                              device, ctx)
+    else:
+        model = fsdp.build_sharded(task.build, device, init=found is None)
     task.start(model, data, ctx)
     hash_ = spec_hash(spec)
     n_params = sum(p.numel() for p in model.parameters())  # global counts, also of sharded parameters
-    state = (agree(ctx, lambda: ckpt.load_checkpoint(found, model, hash_, weights=not sharded))
+    state = (agree(ctx, lambda: ckpt.load_checkpoint(found, model, hash_, weights=not config.fsdp))
              if found is not None else None)
-    if state is None:
+    if state is None and not config.fsdp:  # (sharded: the initial weights are in already)
         task.init_weights(model, ctx)
-    wrapped = model if sharded else D.wrap_model(model, ctx, device, config.fsdp)  # FSDP shards `model` itself
+    wrapped = model if config.fsdp else D.wrap_model(model, ctx, device)  # FSDP: `model` is sharded itself
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay, getattr(config, "layer_decay", None),
                                                lr=config.lr), lr=config.lr, betas=task.betas)
     scheduler, schedule = _schedule(optimizer, config, len(data.train))

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..io import WEIGHTS_NAME
-from .checkpoint import MODEL_DIR, find_checkpoint
+from .checkpoint import DCP_DIR, MODEL_DIR, find_checkpoint, is_sharded, read_sharded_weights
 
 __all__ = ["ENCODER_DIR", "load_pretrained_encoder"]
 
@@ -25,8 +25,8 @@ def load_pretrained_encoder(model: nn.Module, source: str | os.PathLike) -> dict
     """Load pretrained encoder weights from ``source`` into ``model`` (a
     :class:`~hfactory.encoder.HierarchicalEncoder`), for fine-tuning (``hfactory train --init-from``).
 
-    ``source`` is a pretraining run directory (its ``encoder/``, else its ``model/`` or checkpoint: the
-    autoencoder's ``encoder.*`` weights), a ``save_pretrained`` directory (encoder or autoencoder), or
+    ``source`` is a pretraining run directory (its ``encoder/``, else its ``model/`` or checkpoint, also
+    an FSDP run's sharded one: the autoencoder's ``encoder.*`` weights), a ``save_pretrained`` directory (encoder or autoencoder), or
     a ``model.safetensors`` file. Everything but the classifier (``head.*``) must fit; position
     embeddings are resized to the model's resolution. The classifier keeps its initialisation.
 
@@ -49,12 +49,13 @@ def load_pretrained_encoder(model: nn.Module, source: str | os.PathLike) -> dict
         candidates = [source / ENCODER_DIR / WEIGHTS_NAME, source / WEIGHTS_NAME, source / MODEL_DIR / WEIGHTS_NAME]
         checkpoint = find_checkpoint(source) if source.is_dir() else None
         if checkpoint is not None:
-            candidates.append(checkpoint / WEIGHTS_NAME)
-        path = next((c for c in candidates if c.is_file()), None)
+            # an unfinished FSDP run's checkpoint holds DCP shards instead of model.safetensors
+            candidates.append(checkpoint / DCP_DIR if is_sharded(checkpoint) else checkpoint / WEIGHTS_NAME)
+        path = next((c for c in candidates if c.is_file() or c.name == DCP_DIR), None)
         if path is None:
             raise FileNotFoundError(f"--init-from {source}: no weights found; expected a pretraining run directory "
                                     f"(with {ENCODER_DIR}/ or a checkpoint) or a save_pretrained directory")
-    state = load_file(str(path))
+    state = read_sharded_weights(path) if path.name == DCP_DIR else load_file(str(path))
     if any(k.startswith("encoder.") for k in state):  # a whole autoencoder: keep its encoder
         state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
     target = model.state_dict()
