@@ -32,6 +32,7 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as _dt
 import json
 import os
@@ -51,8 +52,12 @@ def _native(name: str) -> int:
     return hfactory.load_preset(name).img_hw[0]
 
 
-def bench_preset(name: str, batch: int, rounds: int, train_rounds: int, warmup: int) -> dict:
-    """Build the pair, check the outputs agree, time inference and (train_rounds > 0) training."""
+def bench_preset(name: str, batch: int, rounds: int, train_rounds: int, warmup: int, control: bool = False) -> dict:
+    """Build the pair, check the outputs agree, time inference and (train_rounds > 0) training.
+
+    ``control``: an A/A run. The "hfactory" slot holds a deep copy of the timm model, so the two
+    sides run identical code on identical weights and any ratio away from 1.0 is this machine's
+    noise under this protocol (the band a real difference has to leave)."""
     import timm
     import torch
     import torch.nn.functional as F
@@ -63,8 +68,11 @@ def bench_preset(name: str, batch: int, rounds: int, train_rounds: int, warmup: 
     size = _native(name)
     torch.manual_seed(0)
     ref = timm.create_model(name, pretrained=False)
-    model = hfactory.create_model(name)
-    model.load_state_dict(from_timm_state_dict(ref.state_dict(), model), strict=True)
+    if control:
+        model = copy.deepcopy(ref)
+    else:
+        model = hfactory.create_model(name)
+        model.load_state_dict(from_timm_state_dict(ref.state_dict(), model), strict=True)
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, size, size, generator=gen)
     # the classes the twin predicts (timm's SAM2 HieraDet has num_classes 0: pooled features)
@@ -89,7 +97,7 @@ def bench_preset(name: str, batch: int, rounds: int, train_rounds: int, warmup: 
             F.cross_entropy(m(images), labels).backward()
         return call
 
-    out = {"preset": name, "size": size, "batch": batch, "logits_rel_diff": agree,
+    out = {"preset": f"{name} (A/A control: timm vs timm)" if control else name, "size": size, "batch": batch, "logits_rel_diff": agree,
            "params": sum(p.numel() for p in model.parameters())}
     out["inference"] = interleaved({k: infer(m) for k, m in models.items()}, rounds, warmup)
     if train_rounds > 0:
@@ -118,12 +126,20 @@ def interleaved(calls: dict, rounds: int, warmup: int) -> dict:
             calls[k]()
             wall[k].append(time.perf_counter() - t0)
             cpu[k].append(time.process_time() - c0)
-    paired = statistics.median(t / h for h, t in zip(wall["hfactory"], wall["timm"]))
-    return {"times_s": wall, "cpu_s": cpu, "paired_ratio": paired}
+    per_round = sorted(t / h for h, t in zip(wall["hfactory"], wall["timm"]))
+    q1, _, q3 = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else per_round * 3
+    return {"times_s": wall, "cpu_s": cpu, "paired_ratio": statistics.median(per_round),
+            "paired_iqr": (q1, q3)}
 
 
 def _spread(times: list[float], scale: float = 1.0, fmt: str = "{:.0f}") -> str:
     return f"{fmt.format(min(times) * scale)}–{fmt.format(max(times) * scale)}"
+
+
+def _iqr(res: dict) -> str:
+    """`` (q1–q3)`` of the per-round paired ratios (absent in runs recorded before it was kept)."""
+    iqr = res.get("paired_iqr")
+    return f" ({iqr[0]:.2f}–{iqr[1]:.2f})" if iqr else ""
 
 
 def table(results: list[dict]) -> list[str]:
@@ -131,6 +147,7 @@ def table(results: list[dict]) -> list[str]:
              "| paired | CPU-time | train step hfactory s | train step timm s | **ratio** timm/hf | paired "
              "| CPU-time |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    # paired: median of the rounds' ratios, with their interquartile range when recorded
     for r in results:
         row = f"| {r['preset']} | {r['size']} |"
         for mode, scale, fmt in (("inference", 1e3, "{:.0f}"), ("train", 1.0, "{:.2f}")):
@@ -147,7 +164,7 @@ def table(results: list[dict]) -> list[str]:
                 a, b = f"{hf:.3f}", f"{tm:.3f}"
                 unit = " s"
             row += (f" {a} ({_spread(t['hfactory'], scale, fmt)}{unit}) | {b} ({_spread(t['timm'], scale, fmt)}{unit}) "
-                    f"| **{tm / hf:.3f}** | {r[mode]['paired_ratio']:.3f} | {cpu_ratio:.3f} |")
+                    f"| **{tm / hf:.3f}** | {r[mode]['paired_ratio']:.3f}{_iqr(r[mode])} | {cpu_ratio:.3f} |")
         lines.append(row)
     return lines
 
@@ -161,9 +178,11 @@ INTRO = (
     "rounds that time one call of each, alternating which goes first. Medians of all rounds, none dropped "
     "(min–max in parentheses). **Ratio** = hfactory img/s / timm img/s (inference) and timm step time / "
     "hfactory step time (training): > 1 means hfactory is faster. *paired* = median over rounds of the "
-    "same round's timm / hfactory wall time; *CPU-time* = timm / hfactory median CPU time of the process "
+    "same round's timm / hfactory wall time (with the rounds' interquartile range where recorded); *CPU-time* = timm / hfactory median CPU time of the process "
     "per call (`time.process_time`, all threads), which a shared machine disturbs less than wall time "
     "(a descheduled process accrues no CPU time, though threads that spin at a barrier do). "
+    "An *A/A control* row (`--control`) times timm against a deep copy of itself in the same protocol: "
+    "identical code and weights, so its distance from 1.0 is the machine's noise. "
     "Script: `benchmarks/presets_vs_timm.py` (without `--write` it only prints)."
 )
 
@@ -206,6 +225,9 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--control", action="store_true",
+                        help="after each preset, an A/A row: timm against a deep copy of itself "
+                             "(the noise band of this machine and protocol)")
     parser.add_argument("--json", type=Path, default=None, help="also dump the raw times here")
     parser.add_argument("--write", action="store_true",
                         help=f"write this run (a subsection per thread count) into '{SECTION}' of "
@@ -237,6 +259,10 @@ def main() -> int:
         r = bench_preset(name, args.batch, args.rounds, args.train_rounds, args.warmup)
         results.append(r)
         print("\n".join(table([r])[-1:]), f" logits rel diff {r['logits_rel_diff']:.1e}", flush=True)
+        if args.control:
+            r = bench_preset(name, args.batch, args.rounds, args.train_rounds, args.warmup, control=True)
+            results.append(r)
+            print("\n".join(table([r])[-1:]), flush=True)
     elapsed = time.perf_counter() - t0
     load_end = load_average()
 
@@ -254,6 +280,8 @@ def main() -> int:
                 f"--warmup {args.warmup}")
         if args.batch != 8:
             cmd += f" --batch {args.batch}"
+        if args.control:
+            cmd += " --control"
         cmd += " --write"
         heading = f"### {args.threads} thread{'s' if args.threads != 1 else ''}"
         lines = [

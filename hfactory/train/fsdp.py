@@ -30,8 +30,8 @@ parameter, never the whole model. A resumed run skips the replay (its checkpoint
 values). Fine-tuning from other weights (``--pretrained``, ``--init-from``; their loaders resize
 position tables and reset classifiers, which needs the whole model) builds the model whole in
 rank 0 alone, loads the weights there and broadcasts them tensor by tensor into every process's
-shards (:func:`build_sharded_from_rank0`): rank 0 peaks at the whole model plus its shards, the
-other processes at their shards.
+shards (:func:`build_sharded_from_rank0`): rank 0 holds the whole model and its shards while it
+loads; the other processes only ever hold their shards.
 
 Checkpoints of FSDP runs are sharded: ``torch.distributed.checkpoint`` (DCP) writes the model's
 and the optimizer's sharded state dicts (:func:`save_sharded`, every process its own shards) into
