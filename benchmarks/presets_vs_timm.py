@@ -97,8 +97,8 @@ def bench_preset(name: str, batch: int, rounds: int, train_rounds: int, warmup: 
             F.cross_entropy(m(images), labels).backward()
         return call
 
-    out = {"preset": f"{name} (A/A control: timm vs timm)" if control else name, "size": size, "batch": batch, "logits_rel_diff": agree,
-           "params": sum(p.numel() for p in model.parameters())}
+    out = {"preset": f"{name} (A/A control: timm vs timm)" if control else name, "size": size, "batch": batch,
+           "logits_rel_diff": agree, "params": sum(p.numel() for p in model.parameters())}
     out["inference"] = interleaved({k: infer(m) for k, m in models.items()}, rounds, warmup)
     if train_rounds > 0:
         for m in models.values():
@@ -147,7 +147,6 @@ def table(results: list[dict]) -> list[str]:
              "| paired | best-of | CPU-time | train step hfactory s | train step timm s | **ratio** timm/hf | paired "
              "| best-of | CPU-time |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    # paired: median of the rounds' ratios, with their interquartile range when recorded
     for r in results:
         row = f"| {r['preset']} | {r['size']} |"
         for mode, scale, fmt in (("inference", 1e3, "{:.0f}"), ("train", 1.0, "{:.2f}")):
@@ -181,8 +180,8 @@ INTRO = (
     "hfactory step time (training): > 1 means hfactory is faster. *paired* = median over rounds of the "
     "same round's timm / hfactory wall time (with the rounds' interquartile range where recorded); *best-of* = "
     "timm's fastest call / hfactory's fastest call (the estimator `timeit` recommends: on a shared machine "
-    "interference only adds time, so the minimum is the least disturbed); *CPU-time* = timm / hfactory median CPU time of the process "
-    "per call (`time.process_time`, all threads), which a shared machine disturbs less than wall time "
+    "interference only adds time, so the minimum is the least disturbed); *CPU-time* = timm / hfactory "
+    "median CPU time of the process per call (`time.process_time`, all threads), which a shared machine disturbs less than wall time "
     "(a descheduled process accrues no CPU time, though threads that spin at a barrier do). "
     "An *A/A control* row (`--control`) times timm against a deep copy of itself in the same protocol: "
     "identical code and weights, so its distance from 1.0 is the machine's noise. "
