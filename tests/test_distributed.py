@@ -162,11 +162,14 @@ def test_eval_and_init_from_read_an_unfinished_fsdp_run(runs, capsys):
         pytest.skip("needs the FSDP run of test_fsdp_sharded_checkpoint_resumes_with_any_process_count")
     # hfactory eval on the run stopped at step 3 (its checkpoint holds DCP shards only) gives what
     # the same weights give as one process's checkpoint (one borderline image may flip)
-    results = []
-    for run in ("fsdp_stopped", "one_at_3"):
-        capsys.readouterr()
-        assert main(["eval", str(runs / run), "--threads", "1"]) == 0
-        results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    results, threads = [], torch.get_num_threads()
+    try:
+        for run in ("fsdp_stopped", "one_at_3"):
+            capsys.readouterr()
+            assert main(["eval", str(runs / run), "--threads", "1"]) == 0
+            results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    finally:
+        torch.set_num_threads(threads)  # --threads 1 is global state
     assert results[0]["images"] == results[1]["images"] == 360
     assert abs(results[0]["test_accuracy"] - results[1]["test_accuracy"]) <= 1 / 360
     assert results[0]["test_loss"] == pytest.approx(results[1]["test_loss"], rel=1e-3)
@@ -178,7 +181,7 @@ def test_eval_and_init_from_read_an_unfinished_fsdp_run(runs, capsys):
     result = torchrun("tiny.yaml", "--out", "fine_fsdp", "--fsdp", *fine, cwd=runs)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "initialised" in result.stdout and "fsdp_stopped" in result.stdout
-    threads, cwd = torch.get_num_threads(), os.getcwd()
+    cwd = os.getcwd()
     try:
         os.chdir(runs)
         assert main(["train", "tiny.yaml", "--out", "fine_one", *fine]) == 0

@@ -45,6 +45,7 @@ states stay sharded).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -346,6 +347,8 @@ def load_sharded(path, model: nn.Module, optimizer: torch.optim.Optimizer, fsdp:
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     state = _state_dicts(model, optimizer)
-    dcp.load(state, checkpoint_id=str(path), no_dist=not fsdp)
+    with warnings.catch_warnings():  # without FSDP, no_dist is the intent: torch warns about it anyway
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path), no_dist=not fsdp)
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
