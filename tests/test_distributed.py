@@ -11,9 +11,11 @@ spec has ``drop_path_rate: 0`` and ``drop_rate: 0`` because stochastic depth and
 are drawn per process (see hfactory/train/distributed.py).
 
 Then FSDP2 (``--fsdp``, the model built shard by shard) stops after 3 steps with a sharded (DCP)
-checkpoint, which 2 FSDP processes, 2 DDP processes and 1 process resume: each result must be
-the uninterrupted DDP run's; and ``hfactory pretrain`` (sparse MAE) under torchrun must match
-one process too. Runs take ~6-10 s each on 2 cores (6 torchrun launches).
+checkpoint, which 2 and 3 FSDP processes, 2 DDP processes and 1 process resume: each result must
+be the uninterrupted DDP run's. The unfinished FSDP run is also read by ``hfactory eval`` and
+fine-tuned from (``--init-from``) under FSDP, like one process's run; and ``hfactory pretrain``
+(sparse MAE) under torchrun must match one process too. Runs take ~6-10 s each on 2 cores (8
+torchrun launches).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ ARGS = ["--epochs", "1", "--batch-size", "359", "--lr", "5e-3", "--no-progress",
 
 
 def torchrun(*args: str, cwd: Path, command: str = "train", nproc: int = 2) -> subprocess.CompletedProcess:
-    """``python -m torch.distributed.run --standalone --nproc_per_node=2 -m hfactory train ...``
+    """``python -m torch.distributed.run --standalone --nproc_per_node=N -m hfactory train ...``
     (``--standalone`` picks a free port)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",

@@ -25,9 +25,9 @@ def load_pretrained_encoder(model: nn.Module, source: str | os.PathLike) -> dict
     """Load pretrained encoder weights from ``source`` into ``model`` (a
     :class:`~hfactory.encoder.HierarchicalEncoder`), for fine-tuning (``hfactory train --init-from``).
 
-    ``source`` is a pretraining run directory (its ``encoder/``, else its ``model/`` or checkpoint, also
-    an FSDP run's sharded one: the autoencoder's ``encoder.*`` weights), a ``save_pretrained`` directory (encoder or autoencoder), or
-    a ``model.safetensors`` file. Everything but the classifier (``head.*``) must fit; position
+    ``source`` is a pretraining run directory (its ``encoder/``, else its ``model/`` or checkpoint,
+    also an FSDP run's sharded one: the autoencoder's ``encoder.*`` weights), a ``save_pretrained``
+    directory (encoder or autoencoder), or a ``model.safetensors`` file. Everything but the classifier (``head.*``) must fit; position
     embeddings are resized to the model's resolution. The classifier keeps its initialisation.
 
     Returns:
