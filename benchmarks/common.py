@@ -77,6 +77,22 @@ def load_average() -> str:
         return "n/a"
 
 
+def twin_pair(name: str):
+    """``(hfactory model, timm model, (H, W))`` for a preset with a timm twin: timm's randomly
+    initialised model (``pretrained=False``, after whatever seed the caller set) and the preset
+    holding the same weights (``hfactory.convert.from_timm_state_dict``), both in train mode, and
+    the preset's own image size."""
+    import timm
+
+    import hfactory
+    from hfactory.convert import from_timm_state_dict
+
+    ref = timm.create_model(name, pretrained=False)
+    model = hfactory.create_model(name)
+    model.load_state_dict(from_timm_state_dict(ref.state_dict(), model), strict=True)
+    return model, ref, tuple(hfactory.load_preset(name).img_hw)
+
+
 def interleaved_train_infer(models: dict, x, y, rounds: int, train_step) -> dict:
     """One warm-up call of each model (training step and inference), then ``rounds`` rounds in
     which every model runs one training step and then one inference call; the order of the

@@ -25,27 +25,24 @@ import sys
 import time
 import warnings
 
-from common import append_results, load_average, machine_line
+from common import append_results, load_average, machine_line, twin_pair
 
 DEFAULT = ["swin_tiny_patch4_window7_224", "caformer_s18", "hiera_tiny_224"]
 
 
 def bench(name: str, batch: int, rounds: int) -> dict:
-    import timm
     import torch
     import torch._inductor.config as inductor
 
     import hfactory
-    from hfactory.convert import from_timm_state_dict
 
     inductor.freezing = True  # constant-fold the weights into the graph (inference only)
     torch.manual_seed(0)
-    ref = timm.create_model(name, pretrained=False).eval()
-    ours = hfactory.create_model(name).eval()
-    ours.load_state_dict(from_timm_state_dict(ref.state_dict(), ours), strict=True)
+    ours, ref, size = twin_pair(name)
+    ours.eval()
+    ref.eval()
     onednn = hfactory.optimize(hfactory.create_model(name).eval())
     onednn.load_state_dict(ours.state_dict(), strict=True)
-    size = hfactory.load_preset(name).img_hw
     x = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(0))
     cases = {"timm eager": ref, "timm compiled": torch.compile(ref), "hfactory eager": ours,
              "hfactory compiled": torch.compile(ours), "hfactory+oneDNN compiled": torch.compile(onednn)}

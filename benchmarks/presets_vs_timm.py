@@ -43,13 +43,9 @@ import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, cpu_model, load_average, mem_gb, vector_extensions, write_results
-SECTION = "## Presets vs timm (CPU)"
-def _native(name: str) -> int:
-    """The preset's own image size (its spec's img_size: 224, or 256 for the *_256 presets)."""
-    import hfactory
+from common import RESULTS, cpu_model, load_average, mem_gb, twin_pair, vector_extensions, write_results
 
-    return hfactory.load_preset(name).img_hw[0]
+SECTION = "## Presets vs timm (CPU)"
 
 
 def bench_preset(name: str, batch: int, rounds: int, train_rounds: int, warmup: int, control: bool = False) -> dict:
@@ -58,23 +54,15 @@ def bench_preset(name: str, batch: int, rounds: int, train_rounds: int, warmup: 
     ``control``: an A/A run. The "hfactory" slot holds a deep copy of the timm model, so the two
     sides run identical code on identical weights and any ratio away from 1.0 is this machine's
     noise under this protocol (the band a real difference has to leave)."""
-    import timm
     import torch
     import torch.nn.functional as F
 
-    import hfactory
-    from hfactory.convert import from_timm_state_dict
-
-    size = _native(name)
     torch.manual_seed(0)
-    ref = timm.create_model(name, pretrained=False)
+    model, ref, (size, width) = twin_pair(name)  # the preset's own size: 224, or 256 for *_256
     if control:
         model = copy.deepcopy(ref)
-    else:
-        model = hfactory.create_model(name)
-        model.load_state_dict(from_timm_state_dict(ref.state_dict(), model), strict=True)
     gen = torch.Generator().manual_seed(0)
-    images = torch.randn(batch, 3, size, size, generator=gen)
+    images = torch.randn(batch, 3, size, width, generator=gen)
     # the classes the twin predicts (timm's SAM2 HieraDet has num_classes 0: pooled features)
     labels = torch.randint(0, ref.num_classes or ref.num_features, (batch,), generator=gen)
     models = {"hfactory": model, "timm": ref}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import machine_line
+from common import machine_line, twin_pair
 
 
 def main() -> None:
@@ -27,20 +27,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
-    import timm
     import torch
     import torch.nn.functional as F
 
-    import hfactory
-    from hfactory.convert import from_timm_state_dict
-
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    ref = timm.create_model(args.preset, pretrained=False)
-    model = hfactory.create_model(args.preset)
-    model.load_state_dict(from_timm_state_dict(ref.state_dict(), model), strict=True)
-    size = hfactory.load_preset(args.preset).img_hw[0]
-    images = torch.randn(8, 3, size, size)
+    model, ref, size = twin_pair(args.preset)
+    images = torch.randn(8, 3, *size)
     labels = torch.randint(0, ref.num_classes or ref.num_features, (8,))
 
     def step(m) -> tuple[float, float]:

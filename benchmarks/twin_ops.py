@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import collections
 
+from common import twin_pair
+
 VIEWS = {"view", "reshape", "as_strided", "transpose", "permute", "empty", "expand", "t", "slice", "select",
          "unsqueeze", "squeeze", "_unsafe_view", "detach", "alias", "empty_strided", "resolve_conj",
          "resolve_neg", "lift_fresh", "contiguous", "result_type", "to", "unbind", "split", "chunk", "narrow",
@@ -55,19 +57,12 @@ def main() -> None:
     parser.add_argument("mode", choices=("infer", "train"))
     args = parser.parse_args()
 
-    import timm
     import torch
-
-    import hfactory
-    from hfactory.convert import from_timm_state_dict
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    ref = timm.create_model(args.preset, pretrained=False)
-    model = hfactory.create_model(args.preset)
-    model.load_state_dict(from_timm_state_dict(ref.state_dict(), model), strict=True)
-    size = hfactory.load_preset(args.preset).img_hw[0]
-    images, labels = torch.randn(2, 3, size, size), torch.zeros(2, dtype=torch.long)
+    model, ref, size = twin_pair(args.preset)
+    images, labels = torch.randn(2, 3, *size), torch.zeros(2, dtype=torch.long)
     ours, theirs = (op_counts(m, images, labels, args.mode) for m in (model, ref))
     print("hfactory timm  op  input shapes   (rows where the counts differ)")
     for key in sorted(ours.keys() | theirs.keys()):

@@ -378,8 +378,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[
     against it, and everything else to PyTorch SDPA; a biased call goes to
     :data:`BIASED_CALLS_IN_AUTO` (SDPA, which broadcasts the bias without copying it; if that
     policy says xformers, the same predicate applies), except on the CPU with a bias that
-    requires grad under autograd, which runs ``math`` (SDPA would take its slower math fallback). ``xformers`` asked for where it cannot run
-    falls back to SDPA with a ``RuntimeWarning`` naming the reason; with a bias it re-lays the bias
+    requires grad under autograd, which runs ``math`` (SDPA would take its slower math fallback).
+    ``xformers`` asked for where it cannot run falls back to SDPA with a ``RuntimeWarning`` naming the reason; with a bias it re-lays the bias
     out as :func:`_xformers_bias` describes. ``math`` is the plain reference (scores materialised).
 
     Raises:

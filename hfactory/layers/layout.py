@@ -20,7 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["grid_to_units", "units_to_grid", "pool_hw", "TokenLinear"]
+__all__ = ["grid_to_units", "units_to_grid", "pool_hw", "TokenLinear", "is_symbolic"]
+
+
+def is_symbolic(*sizes) -> bool:
+    """Whether any of ``sizes`` is a symbolic size (``torch.export`` with dynamic dimensions)."""
+    return any(isinstance(n, torch.SymInt) for n in sizes)
 
 
 def _whole_units(x: torch.Tensor, unit: tuple[int, int]) -> torch.Tensor:
@@ -38,7 +43,7 @@ def grid_to_units(x: torch.Tensor, unit: tuple[int, int]) -> torch.Tensor:
     """``(B, H, W, C) -> (B, (H/uh)*(W/uw), uh, uw, C)``; units row-major (the plan checked divisibility)."""
     b, h, w, c = x.shape
     uh, uw = unit
-    if isinstance(h, torch.SymInt) or isinstance(w, torch.SymInt):
+    if is_symbolic(h, w):
         x = _whole_units(x, unit)
         h, w = x.shape[1:3]
     x = x.reshape(b, h // uh, uh, w // uw, uw, c).permute(0, 1, 3, 2, 4, 5)

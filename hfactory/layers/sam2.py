@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .layout import grid_to_units, units_to_grid
+from .layout import grid_to_units, is_symbolic, units_to_grid
 from .mixers import Attention
 
 __all__ = ["Sam2WindowAttention"]
@@ -55,7 +55,7 @@ class Sam2WindowAttention(Attention):
         # sizes ``h + ph`` is then ``wh * ((h + wh - 1) // wh)``, a multiple the tracer can see
         # (the window reshape keeps a constant window axis), and no remainder reaches ONNX.
         ph, pw = (h + wh - 1) // wh * wh - h, (w + ww - 1) // ww * ww - w
-        symbolic = isinstance(h, torch.SymInt) or isinstance(w, torch.SymInt)  # no Python branch on them
+        symbolic = is_symbolic(h, w)  # no Python branch on them
         if symbolic or ph or pw:
             x = F.pad(x, (0, 0, 0, pw, 0, ph))
         o = super().forward(grid_to_units(x, (wh, ww)))  # (B, nW, wh/s, ww/s, C)

@@ -18,10 +18,10 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from ..spec.swin import padded_grid, window_and_shift
 from .attention import attention
 from .downsample import build_norm
-from .layout import TokenLinear
+from .layout import TokenLinear, is_symbolic
 
 __all__ = ["WindowAttention", "PatchMerging", "relative_position_index", "window_mask", "SHIFT_MASK_VALUE",
-           "same_grid", "pad_grid", "crop_grid", "merge_windows", "is_symbolic"]
+           "same_grid", "pad_grid", "crop_grid", "merge_windows"]
 
 #: timm's additive mask between tokens of one shifted window that come from different regions.
 SHIFT_MASK_VALUE = -100.0
@@ -112,11 +112,6 @@ def window_mask(grid: tuple[int, int], padded: tuple[int, int], window: tuple[in
     mask = torch.zeros(region.shape[0], n, n, device=device)
     mask = mask.masked_fill(region[:, :, None] != region[:, None, :], SHIFT_MASK_VALUE)
     return mask.masked_fill(~real[:, None, :], float("-inf"))
-
-
-def is_symbolic(*sizes) -> bool:
-    """Whether any of ``sizes`` is a symbolic size (``torch.export`` with dynamic dimensions)."""
-    return any(isinstance(n, torch.SymInt) for n in sizes)
 
 
 def _run_time_shift(n, window: int, device) -> torch.Tensor:

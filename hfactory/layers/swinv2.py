@@ -20,8 +20,8 @@ from torch import nn
 from ..spec.swin import padded_grid, window_and_shift
 from .attention import attention
 from .downsample import build_norm
-from .layout import TokenLinear
-from .swin import crop_grid, is_symbolic, merge_windows, pad_grid, relative_position_index, same_grid, window_mask
+from .layout import TokenLinear, is_symbolic
+from .swin import crop_grid, merge_windows, pad_grid, relative_position_index, same_grid, window_mask
 
 __all__ = ["WindowAttentionV2", "PatchMergingV2", "log_relative_coords"]
 

@@ -257,14 +257,12 @@ def read_sharded_weights(directory: Path) -> dict[str, torch.Tensor]:
         FileNotFoundError: ``directory`` holds no complete DCP checkpoint (no ``.metadata``).
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
 
     if not (Path(directory) / DCP_METADATA).is_file():
         raise FileNotFoundError(f"{directory}: no sharded checkpoint there (no {DCP_METADATA})")
-    items = FileSystemReader(str(directory)).read_metadata().state_dict_metadata
     # allocate each saved model tensor at its global size, then let DCP fill them from the shards
-    weights = {key[len("model."):]: torch.empty(tuple(item.size), dtype=item.properties.dtype)
-               for key, item in items.items() if key.startswith("model.") and hasattr(item, "size")}
+    weights = {name: torch.empty(tuple(item.size), dtype=item.properties.dtype)
+               for name, item in _dcp_model_tensors(directory).items()}
     state = {"model": weights}
     with warnings.catch_warnings():  # no_dist is the intent here: one process reads every shard
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -289,15 +287,19 @@ def load_saved_model(model_dir: Path) -> torch.nn.Module:
     return model
 
 
-def _dcp_shapes(directory: Path) -> dict[str, tuple]:
-    """Name -> global shape of the model tensors in a DCP checkpoint (its ``.metadata``)."""
+def _dcp_model_tensors(directory: Path) -> dict:
+    """Model-tensor name (the ``state_dict`` key) -> its DCP ``TensorStorageMetadata`` (global
+    ``size``, ``properties.dtype``), from a DCP checkpoint's ``.metadata``."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    shapes = {}
-    for key, item in FileSystemReader(str(directory)).read_metadata().state_dict_metadata.items():
-        if key.startswith("model.") and hasattr(item, "size"):
-            shapes[key[len("model."):]] = tuple(item.size)
-    return shapes
+    items = FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    return {key[len("model."):]: item for key, item in items.items()
+            if key.startswith("model.") and hasattr(item, "size")}
+
+
+def _dcp_shapes(directory: Path) -> dict[str, tuple]:
+    """Name -> global shape of the model tensors in a DCP checkpoint (its ``.metadata``)."""
+    return {name: tuple(item.size) for name, item in _dcp_model_tensors(directory).items()}
 
 
 def _check_shapes(model: torch.nn.Module, saved: dict[str, tuple], source: str) -> None:

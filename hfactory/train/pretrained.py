@@ -49,9 +49,10 @@ def load_pretrained_encoder(model: nn.Module, source: str | os.PathLike) -> dict
         candidates = [source / ENCODER_DIR / WEIGHTS_NAME, source / WEIGHTS_NAME, source / MODEL_DIR / WEIGHTS_NAME]
         checkpoint = find_checkpoint(source) if source.is_dir() else None
         if checkpoint is not None:
-            # an unfinished FSDP run's checkpoint holds DCP shards instead of model.safetensors
-            candidates.append(checkpoint / DCP_DIR if is_sharded(checkpoint) else checkpoint / WEIGHTS_NAME)
-        path = next((c for c in candidates if c.is_file() or c.name == DCP_DIR), None)
+            candidates.append(checkpoint / WEIGHTS_NAME)
+        path = next((c for c in candidates if c.is_file()), None)
+        if path is None and checkpoint is not None and is_sharded(checkpoint):
+            path = checkpoint / DCP_DIR  # an unfinished FSDP run: DCP shards instead of model.safetensors
         if path is None:
             raise FileNotFoundError(f"--init-from {source}: no weights found; expected a pretraining run directory "
                                     f"(with {ENCODER_DIR}/ or a checkpoint) or a save_pretrained directory")
